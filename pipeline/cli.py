@@ -1,0 +1,268 @@
+"""`dad`: the one face that wires the stages into a command line.
+
+Every command takes `-c/--config FILE`, `--root URL` and repeated `--set section.key=value`, and
+validates the whole config before doing any work. Stage modules are imported inside the commands so
+`dad --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, DadConfig, load_config
+from pipeline.ledger import LockError, StaleConfigError
+
+app = typer.Typer(
+    name="dad", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+    help="[bold]dad[/bold] — distill a stronger monocular depth model from unlabeled images and several "
+         "teachers (Distill Any Depth, arXiv 2502.19204).\n\n"
+         "Stages, each restartable and run on Ray: [cyan]shard[/] → [cyan]teach[/] → [cyan]score[/] → "
+         "[cyan]train[/] → [cyan]eval[/] / [cyan]predict[/] → [cyan]report[/]. "
+         "All outputs live under one run root (local path, s3://…).")
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The offline teacher zoo of the embedded default.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(zoo_app, name="zoo")
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="run config (TOML)", exists=False)]
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="override run.root (any fsspec URL)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: section.key=value (repeatable)")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster: auto, host:6379, ray://host:10001")]
+BreakOpt = Annotated[bool, typer.Option("--break-lock", help="take over a lock whose holder is gone")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr)], force=True)
+    for noisy in ("ray", "urllib3", "filelock", "fsspec", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: Path, root: str | None, sets: list[str] | None) -> DadConfig:
+    _setup_logging(os.environ.get("DAD_VERBOSE") == "1")
+    return load_config(config, root=root, overrides=sets or [])
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _summary(summary: dict) -> None:
+    stage = summary.get("stage", "")
+    parts = [f"{k}={v}" for k, v in summary.items() if k not in ("stage", "fingerprint") and not isinstance(v, (dict, list))]
+    out.print(f"[bold green]✓ {stage}[/] " + " ".join(parts))
+
+
+def _guarded(fn):
+    try:
+        return fn()
+    except (ConfigError, LockError, StaleConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+# -- config & status ---------------------------------------------------------------------------
+
+@config_app.command("show")
+def config_show(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None,
+                as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of TOML")] = False):
+    """Print the resolved config (file + --root + --set, with every default filled in)."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    out.print(json.dumps(cfg.model_dump(mode="json"), indent=2) if as_json else cfg.to_toml(), markup=False,
+              highlight=False)
+
+
+@app.command()
+def status(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
+    """Per stage (and per teacher): cells done / total, and what is stale."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    from pipeline.storage import Root
+
+    rows = []
+    for name in ("shard", "teach", "score", "train"):
+        try:
+            stage = importlib.import_module(f"stages.{name}")
+        except ModuleNotFoundError:
+            continue
+        rows.extend(stage.status(cfg, Root(cfg.run.root)))
+    table = Table(title=f"dad status — {cfg.run.root}")
+    for col in ("stage", "scope", "done", "total", "stale", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], r["scope"], str(r["done"]), str(r["total"]), str(r["stale"]), r.get("note", ""))
+    out.print(table)
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+def _run_stage(module: str, cfg: DadConfig, **kwargs) -> dict:
+    stage = importlib.import_module(f"stages.{module}")
+    summary = stage.run(cfg, **kwargs)
+    _summary(summary)
+    return summary
+
+
+@app.command()
+def shard(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None,
+          break_lock: BreakOpt = False):
+    """Shard the corpus into WebDataset tars with a manifest, rejects and the crop plan."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    _guarded(lambda: _run_stage("shard", cfg, address=address, break_lock=break_lock))
+
+
+@app.command()
+def teach(config: ConfigOpt, teacher: Annotated[Optional[list[str]], typer.Option(
+              "--teacher", help="only these teachers (repeatable; default: all configured)")] = None,
+          root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None, break_lock: BreakOpt = False):
+    """Run teachers on every shard; cache global + local predictions in Zarr (only missing cells)."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    _guarded(lambda: _run_stage("teach", cfg, teachers=teacher or None, address=address, break_lock=break_lock))
+
+
+@app.command()
+def teachers(config: Annotated[Optional[Path], typer.Option("-c", "--config", help="run config")] = None,
+             root: RootOpt = None, set_: SetOpt = None):
+    """List teacher adapters and the configured teachers (output space, licence, fingerprint)."""
+    from stages.teachers import describe
+
+    cfg = _guarded(lambda: _load(config, root, set_)) if config else None
+    adapters, configured = describe(cfg)
+    t = Table(title="adapters (entry-point group dad.teachers)")
+    t.add_column("adapter")
+    t.add_column("provided by")
+    for name, origin in adapters:
+        t.add_row(name, origin)
+    out.print(t)
+    if configured:
+        t = Table(title="configured teachers")
+        for col in ("name", "adapter", "model", "output space", "licence", "fingerprint"):
+            t.add_column(col)
+        for row in configured:
+            t.add_row(*[str(row[k]) for k in ("name", "adapter", "model", "output_space", "license", "fingerprint")])
+        out.print(t)
+
+
+@app.command()
+def score(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None,
+          break_lock: BreakOpt = False):
+    """Score every (sample, teacher) and write the per-sample teacher selection."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    _guarded(lambda: _run_stage("score", cfg, address=address, break_lock=break_lock))
+
+
+@app.command()
+def train(config: ConfigOpt, name: Annotated[Optional[str], typer.Option("--name", help="run name (train.name)")] = None,
+          init_from: Annotated[Optional[str], typer.Option("--init-from", help="student checkpoint or Depth Anything model")] = None,
+          workers: Annotated[Optional[int], typer.Option("--workers", help="Ray Train workers (train.workers)")] = None,
+          root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None, break_lock: BreakOpt = False):
+    """Train the student on cached cross-context targets (Ray Train, DDP); resumes automatically."""
+    sets = list(set_ or [])
+    if name:
+        sets.append(f"train.name={json.dumps(name)}")
+    if init_from:
+        sets.append(f"train.init_from={json.dumps(init_from)}")
+    if workers:
+        sets.append(f"train.workers={workers}")
+    cfg = _guarded(lambda: _load(config, root, sets))
+    _guarded(lambda: _run_stage("train", cfg, address=address, break_lock=break_lock))
+
+
+@app.command("eval")
+def eval_(config: ConfigOpt,
+          checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="student checkpoint")] = None,
+          teacher: Annotated[Optional[str], typer.Option("--teacher", help="a configured teacher")] = None,
+          dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="kind:PATH (default: eval.datasets)")] = None,
+          align: Annotated[Optional[str], typer.Option("--align", help="disparity | depth")] = None,
+          name: Annotated[Optional[str], typer.Option("--name", help="output folder eval/<name>")] = None,
+          root: RootOpt = None, set_: SetOpt = None):
+    """Zero-shot evaluation of a checkpoint or a teacher (per-image LSQ alignment, AbsRel, δ1…)."""
+    sets = list(set_ or [])
+    if align:
+        sets.append(f"eval.align={json.dumps(align)}")
+    cfg = _guarded(lambda: _load(config, root, sets))
+    if bool(checkpoint) == bool(teacher):
+        _fail("give exactly one of --checkpoint CKPT or --teacher NAME")
+    _guarded(lambda: _run_stage("evaluate", cfg, checkpoint=checkpoint, teacher=teacher,
+                                datasets=dataset or None, name=name))
+
+
+@app.command()
+def predict(inputs: Annotated[list[str], typer.Argument(help="images, folders, globs or fsspec URLs")],
+            out_dir: Annotated[str, typer.Option("--out", help="output folder (any fsspec URL)")],
+            checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="student checkpoint")] = None,
+            teacher: Annotated[Optional[str], typer.Option("--teacher", help="a configured teacher")] = None,
+            config: Annotated[Optional[Path], typer.Option("-c", "--config", help="config (for --teacher)")] = None,
+            resolution: Annotated[int, typer.Option(help="inference short side (multiple of 14)")] = 518,
+            side_by_side: Annotated[bool, typer.Option("--side-by-side", help="also write image|depth PNGs")] = False,
+            batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 4,
+            root: RootOpt = None, set_: SetOpt = None):
+    """Predict disparity for images: <name>.npy (float32, original size) and a colour-mapped <name>.png."""
+    _setup_logging()
+    if bool(checkpoint) == bool(teacher):
+        _fail("give exactly one of --checkpoint CKPT or --teacher NAME")
+    cfg = _guarded(lambda: _load(config, root, set_)) if config else None
+    if teacher and cfg is None:
+        _fail("--teacher needs -c/--config naming that teacher")
+    from stages import predict as predict_stage
+
+    _guarded(lambda: _summary(predict_stage.run(inputs, out_dir, checkpoint=checkpoint, teacher=teacher, cfg=cfg,
+                                                resolution=resolution, side_by_side=side_by_side,
+                                                batch_size=batch_size)))
+
+
+@app.command()
+def report(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
+    """Build report/index.html for a run root: stages, metrics, pictures, curves, scores."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    _guarded(lambda: _run_stage("report", cfg))
+
+
+@zoo_app.command("build")
+def zoo_build(out_dir: Annotated[str, typer.Option("--out", help="where to write the zoo")] = "zoo",
+              minutes: Annotated[float, typer.Option(help="training budget per teacher (minutes)")] = 6.0,
+              seed: Annotated[int, typer.Option(help="seed (the build is reproducible)")] = 0):
+    """Train the two small teachers of the embedded default on rendered scenes (seeded)."""
+    _setup_logging()
+    from stages import zoo
+
+    _summary(zoo.build(out_dir, minutes=minutes, seed=seed))
+
+
+PIPELINE = ("shard", "teach", "score", "train", "evaluate", "report")
+
+
+@app.command("run")
+def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None,
+            until: Annotated[Optional[str], typer.Option(help="stop after this stage")] = None):
+    """Run every stage in order (each skips finished work) and say which ran."""
+    cfg = _guarded(lambda: _load(config, root, set_))
+    ran, t0 = [], time.time()
+    for stage in PIPELINE:
+        try:
+            importlib.import_module(f"stages.{stage}")
+        except ModuleNotFoundError:
+            err.print(f"[yellow]· {stage}: not available in this version — skipped[/]")
+            continue
+        kwargs = {"address": address} if stage in ("shard", "teach", "score", "train") else {}
+        _guarded(lambda: _run_stage(stage, cfg, **kwargs))
+        ran.append(stage)
+        if until and stage == until:
+            break
+    out.print(f"[bold]stages run:[/] {', '.join(ran)} in {time.time() - t0:.0f} s")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,292 @@
+"""One TOML file describes a run; pydantic validates it before any work starts.
+
+Every section has defaults except `[run].root` and `[corpus].sources`. Unknown keys, wrong types and
+impossible combinations raise `ConfigError`, whose message names the file and the dotted key, so a
+mistake costs seconds, not a half-finished stage. `--set section.key=value` overrides are applied to
+the raw TOML before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (file and key named)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunCfg(Section):
+    root: str = Field(description="fsspec URL of the run root (local path, s3://, memory://)")
+    seed: int = 0
+    ray_address: str | None = Field(None, description="existing cluster: auto, host:6379, ray://host:10001")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (default: all)")
+    executor: Literal["auto", "ray", "inline"] = Field(
+        "auto", description="inline runs tasks in this process (used automatically for memory:// roots)")
+
+
+class CorpusCfg(Section):
+    sources: list[str] = Field(min_length=1, description="folders, globs, .tar shards, .txt/.parquet lists")
+    shard_size: int = Field(64, ge=1)
+    image_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit (width*height)")
+    min_side: int = Field(32, ge=1)
+    max_aspect: float = Field(4.0, ge=1.0)
+    max_region: int = Field(1024, ge=14, description="stored global region is capped at this side (px)")
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
+
+
+class CropsCfg(Section):
+    min_region: int = Field(644, ge=14, description="smallest global-region side (paper: 644)")
+    patch: int = Field(560, ge=14, description="local patch side at native resolution (paper: 560)")
+    local_count: int = Field(4, ge=1, le=64, description="K local patches per sample")
+    global_size: int = Field(560, ge=14, description="global region resized to G×G for teachers and student")
+    local_store: int = Field(392, ge=8, description="local predictions stored at L×L")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CropsCfg":
+        if self.patch > self.min_region:
+            raise ValueError(f"crops.patch ({self.patch}) must not exceed crops.min_region ({self.min_region})")
+        if self.global_size % 14:
+            raise ValueError(f"crops.global_size ({self.global_size}) must be a multiple of 14 (ViT patch)")
+        if self.local_store > self.global_size:
+            raise ValueError("crops.local_store must not exceed crops.global_size")
+        return self
+
+
+OutputSpace = Literal["disparity", "depth", "metric_depth", "affine_depth"]
+
+
+class TeacherCfg(Section):
+    adapter: str = Field(description="hf | checkpoint | a plugin from the dad.teachers entry-point group")
+    model: str = Field(description="hub id, local directory, or checkpoint URL")
+    revision: str | None = Field(None, description="hub revision (commit sha) to pin")
+    output_space: OutputSpace = "disparity"
+    affine_depth: Literal["refuse", "invert"] = Field(
+        "refuse", description="how to treat affine-invariant depth: refuse, or invert as if it were depth")
+    license: str = "unknown"
+    input_size: int | None = Field(None, description="teacher input side (default: its own rule)")
+    batch_size: int = Field(4, ge=1)
+    actors: int = Field(1, ge=1, description="actor-pool size (one model per actor)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
+    memory: int | None = Field(None, description="bytes of memory per actor (Ray resource)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    torch_threads: int | None = Field(None, ge=1)
+    prior: float = Field(1.0, ge=0, description="selection prior (paper: primary 0.7, assistant 0.3)")
+
+    @model_validator(mode="after")
+    def _space(self) -> "TeacherCfg":
+        if self.output_space == "affine_depth" and self.affine_depth == "refuse":
+            raise ValueError(
+                "output_space 'affine_depth' cannot be turned into disparity exactly (1/(a·d+b) needs the "
+                "unknown shift); set affine_depth = \"invert\" to accept the approximation")
+        return self
+
+
+class ScoreCfg(Section):
+    policy: Literal["paper", "best", "weighted", "filter", "mix"] = "paper"
+    metric: Literal["lg_consistency", "agreement", "combined"] = "combined"
+    temperature: float = Field(0.05, gt=0, description="softmax temperature of the weighted policy")
+    filter_base: Literal["paper", "best", "weighted"] = "paper"
+    filter_threshold: float | None = Field(None, gt=0, description="drop samples whose best score is worse")
+    exclude_licenses: list[str] = Field(default_factory=list)
+    collapse_rel_std: float = Field(1e-3, ge=0, description="a map whose std/|mean| is below this is collapsed")
+    min_valid_fraction: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _filter(self) -> "ScoreCfg":
+        if self.policy == "filter" and self.filter_threshold is None:
+            raise ValueError("score.policy = 'filter' needs score.filter_threshold")
+        return self
+
+
+class StudentCfg(Section):
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    encoder_weights: str | None = Field(None, description="local timm/DINOv2 encoder weights file")
+
+
+class TrainCfg(Section):
+    name: str = "student"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    lr_encoder: float = Field(5e-6, ge=0)
+    lr_decoder: float = Field(5e-5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    norm: Literal["hybrid", "global", "local", "none"] = "hybrid"
+    use_sc: bool = True
+    use_lg: bool = True
+    lambda_lg: float = 0.5
+    lambda_feat: float = 1.0
+    lambda_grad: float = 2.0
+    feature_loss: bool = False
+    flip: bool = True
+    jitter: float = Field(0.1, ge=0, le=1)
+    init_from: str | None = None
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    deterministic: bool = False
+    amp: bool = True
+    prefetch: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "TrainCfg":
+        if not (self.use_sc or self.use_lg):
+            raise ValueError("train.use_sc and train.use_lg cannot both be false (nothing to learn from)")
+        return self
+
+
+class EvalCfg(Section):
+    datasets: list[str] = Field(default_factory=list, description="e.g. realeval:../shared/data/realeval")
+    align: Literal["disparity", "depth"] = "disparity"
+    resolution: int = Field(518, ge=14)
+    max_samples: int | None = Field(None, ge=1)
+    pictures: int = Field(6, ge=0)
+
+    @model_validator(mode="after")
+    def _mult(self) -> "EvalCfg":
+        if self.resolution % 14:
+            raise ValueError(f"eval.resolution ({self.resolution}) must be a multiple of 14")
+        return self
+
+
+class DadConfig(Section):
+    run: RunCfg
+    corpus: CorpusCfg
+    crops: CropsCfg = Field(default_factory=CropsCfg)
+    teachers: dict[str, TeacherCfg] = Field(default_factory=dict)
+    score: ScoreCfg = Field(default_factory=ScoreCfg)
+    student: StudentCfg = Field(default_factory=StudentCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    def section_fingerprint(self, *keys: str) -> str:
+        """Stable hash of the named sections (dotted keys allowed, e.g. 'run.seed')."""
+        dump = self.model_dump(mode="json")
+        picked = {}
+        for key in keys:
+            node: Any = dump
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        return fingerprint(picked)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+def fingerprint(obj: Any) -> str:
+    """12 hex digits of sha256 over canonical JSON: what produced an output, in one short token."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.steps=10' → (['train','steps'], 10). Values are TOML literals, else plain strings."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r}: the key must name a section and a key, e.g. train.steps=10")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def validate(raw: dict, source: str = "<config>") -> DadConfig:
+    try:
+        return DadConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, root: str | None = None,
+                overrides: list[str] | None = None, raw: dict | None = None) -> DadConfig:
+    """Read, override and validate a config. Nothing is written and no work starts here."""
+    source = str(path) if path else "<inline>"
+    if raw is None:
+        if path is None:
+            raise ConfigError("no config given: pass -c/--config FILE")
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"invalid TOML in {path}: {err}") from None
+    raw = json.loads(json.dumps(raw))  # deep copy, plain types
+    if root:
+        raw.setdefault("run", {})["root"] = root
+    apply_overrides(raw, overrides or [])
+    return validate(raw, source)
+
+
+INLINE_TABLES = {"resources", "resources_per_worker"}
+
+
+def dumps_toml(data: dict) -> str:
+    """Minimal TOML writer for the config's own shape: sections, teacher sub-tables, inline resource maps."""
+    out: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(prefix: str, d: dict) -> None:
+        nested = {k: v for k, v in d.items() if isinstance(v, dict) and k not in INLINE_TABLES}
+        plain = {k: v for k, v in d.items() if k not in nested}
+        if prefix and (plain or not nested):
+            out.append(f"[{prefix}]")
+            out.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
+            out.append("")
+        for k, v in nested.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(out).rstrip() + "\n"

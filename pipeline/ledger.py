@@ -1,0 +1,179 @@
+"""Completion markers, locks and the run's recorded config: what makes reruns safe (DESIGN §3).
+
+* A marker `ledger/<stage>/<scope>/<cell>.<fingerprint>.json` is written only after the cell's
+  outputs are complete; its presence is the only meaning of "done". A rerun skips cells whose
+  marker carries the current fingerprint and redoes everything else.
+* A lock `ledger/locks/<stage>.<scope>.lock` refuses a second concurrent writer. A holder on this
+  host whose process is gone is stale and is taken over; a holder elsewhere needs `--break-lock`.
+* `dad.toml` records the config as first written; later stages refuse a config whose earlier-stage
+  settings changed and say which stage to rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from pipeline.config import DadConfig, load_config
+from pipeline.storage import Root
+
+# Which settings each stage's outputs depend on (beyond the stages before it).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "shard": ("run.seed", "corpus", "crops"),
+}
+
+
+class LockError(RuntimeError):
+    pass
+
+
+class StaleConfigError(RuntimeError):
+    pass
+
+
+class Ledger:
+    def __init__(self, root: Root):
+        self.root = root
+
+    def _dir(self, stage: str, scope: str) -> tuple[str, ...]:
+        return ("ledger", stage, scope)
+
+    def mark(self, stage: str, scope: str, cell: str, fp: str, info: dict | None = None) -> None:
+        record = {"stage": stage, "scope": scope, "cell": cell, "fingerprint": fp,
+                  "finished": time.time(), **(info or {})}
+        self.root.write_json(record, *self._dir(stage, scope), f"{cell}.{fp}.json")
+
+    def is_done(self, stage: str, scope: str, cell: str, fp: str) -> bool:
+        return self.root.exists(*self._dir(stage, scope), f"{cell}.{fp}.json")
+
+    def done(self, stage: str, scope: str, fp: str) -> set[str]:
+        """Cells done under fingerprint `fp` (one listing, not one request per cell)."""
+        suffix = f".{fp}.json"
+        return {n[: -len(suffix)] for n in self.root.listdir(*self._dir(stage, scope)) if n.endswith(suffix)}
+
+    def markers(self, stage: str, scope: str) -> dict[str, set[str]]:
+        """cell → fingerprints it has markers for (for `dad status`)."""
+        out: dict[str, set[str]] = {}
+        for name in self.root.listdir(*self._dir(stage, scope)):
+            if name.endswith(".json") and name.count(".") >= 2:
+                cell, fp, _ = name.rsplit(".", 2)
+                out.setdefault(cell, set()).add(fp)
+        return out
+
+    def info(self, stage: str, scope: str, cell: str, fp: str) -> dict:
+        return self.root.read_json(*self._dir(stage, scope), f"{cell}.{fp}.json")
+
+    def scopes(self, stage: str) -> list[str]:
+        return self.root.listdir("ledger", stage)
+
+    def forget(self, stage: str, scope: str) -> None:
+        self.root.remove(*self._dir(stage, scope), recursive=True)
+
+
+# -- locks ---------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class LockHolder:
+    host: str
+    pid: int
+    started: float
+    token: str
+    command: str = ""
+
+    def describe(self) -> str:
+        age = time.time() - self.started
+        return f"pid {self.pid} on {self.host} ({self.command or 'dad'}), started {age:.0f} s ago"
+
+    def is_dead(self) -> bool:
+        return self.host == socket.gethostname() and not _pid_alive(self.pid)
+
+
+@contextlib.contextmanager
+def stage_lock(root: Root, stage: str, scope: str = "_", break_lock: bool = False, command: str = ""):
+    """Hold the (stage, scope) lock for the duration of the block."""
+    parts = ("ledger", "locks", f"{stage}.{scope}.lock")
+    me = LockHolder(socket.gethostname(), os.getpid(), time.time(), uuid.uuid4().hex, command)
+    payload = json.dumps(me.__dict__).encode()
+    if not root.create_exclusive(payload, *parts):
+        try:
+            holder = LockHolder(**root.read_json(*parts))
+        except (FileNotFoundError, ValueError, TypeError):
+            holder = None
+        if holder is not None and holder.token == me.token:
+            pass
+        elif holder is None or holder.is_dead() or break_lock:
+            root.remove(*parts)
+            if not root.create_exclusive(payload, *parts):
+                raise LockError(f"could not take the {stage} lock on {root.url}: another writer raced us")
+        else:
+            raise LockError(
+                f"another `dad {stage}` is writing to {root.url}: held by {holder.describe()}.\n"
+                f"Wait for it, or if that process is gone, rerun with --break-lock.")
+    try:
+        yield me
+    finally:
+        try:
+            if LockHolder(**root.read_json(*parts)).token == me.token:
+                root.remove(*parts)
+        except (FileNotFoundError, ValueError, TypeError):
+            pass
+
+
+# -- recorded config ------------------------------------------------------------------------
+
+def check_recorded(root: Root, cfg: DadConfig, stage: str) -> None:
+    """Write dad.toml on first use; refuse a config whose shard-stage settings changed since."""
+    if not root.exists("dad.toml"):
+        root.write_bytes(cfg.to_toml().encode(), "dad.toml")
+        return
+    import tomllib
+
+    recorded = load_config(raw=tomllib.loads(root.read_bytes("dad.toml").decode()))
+    for upstream, keys in STAGE_KEYS.items():
+        old, new = recorded.model_dump(mode="json"), cfg.model_dump(mode="json")
+        changed = [k for k in _flat_keys(keys, new) if _get(old, k) != _get(new, k)]
+        if changed and stage != upstream:
+            raise StaleConfigError(
+                f"{', '.join(changed)} changed since `dad {upstream}` wrote {root.url}. The cached outputs "
+                f"were made with the old values: rerun `dad {upstream}` on a new --root, or restore them.")
+        if changed and stage == upstream:
+            if root.exists("ledger", upstream):
+                raise StaleConfigError(
+                    f"{', '.join(changed)} differ from the run recorded in {root.url}/dad.toml; "
+                    f"use a new --root for a different corpus or crop plan.")
+            root.write_bytes(cfg.to_toml().encode(), "dad.toml")
+
+
+def _flat_keys(keys: tuple[str, ...], tree: dict) -> list[str]:
+    out = []
+    for key in keys:
+        node = _get(tree, key)
+        if isinstance(node, dict):
+            out.extend(_flat_keys(tuple(f"{key}.{k}" for k in node), tree))
+        else:
+            out.append(key)
+    return out
+
+
+def _get(tree: dict, key: str):
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node

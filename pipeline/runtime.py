@@ -1,0 +1,139 @@
+"""Ray runtime and executors: how a stage's per-cell work gets run.
+
+Stages describe *what* to do per cell (a corpus shard, a (teacher, shard) pair) as plain functions;
+this module decides *where* (datatrove's split of steps and executors):
+
+* `RayExecutor` — the default. Connects to `run.ray_address` / `--address` (`auto`, `host:6379`,
+  `ray://host:10001`) or starts a local cluster with this machine's CPUs and GPUs. Ray's own log
+  noise is kept out of the terminal (driver log forwarding off, warnings only).
+* `InlineExecutor` — runs cells in this process, one after another. Used for `memory://` roots
+  (a memory filesystem is invisible to other processes) and for debugging (`run.executor = "inline"`).
+
+Both show a progress bar and return results in completion order with the cell they belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.config import RunCfg
+
+log = logging.getLogger("dad")
+console = Console(stderr=True)
+
+_QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
+}
+
+
+def progress(total: int, description: str) -> Progress:
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=False,
+                   disable=not console.is_terminal and os.environ.get("DAD_PROGRESS") != "1")
+    bar.add_task(description, total=total)
+    return bar
+
+
+def init_ray(run: RunCfg, address: str | None = None) -> None:
+    """Connect to (or start) Ray once per process; quiet, with the project importable on workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or run.ray_address
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING,
+                                  configure_logging=True, include_dashboard=False)
+    if address:
+        kwargs["address"] = address
+        kwargs.pop("include_dashboard")
+    else:
+        if run.num_cpus:
+            kwargs["num_cpus"] = run.num_cpus
+    warnings.filterwarnings("ignore", module="ray")
+    t0 = time.time()
+    ray.init(**kwargs)
+    res = ray.cluster_resources()
+    log.info("ray: %s (%.0f CPU, %.0f GPU) in %.1f s", address or "local cluster",
+             res.get("CPU", 0), res.get("GPU", 0), time.time() - t0)
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+    except Exception:  # pragma: no cover - older/newer Ray
+        pass
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def use_inline(run: RunCfg, process_local_root: bool) -> bool:
+    if run.executor == "inline":
+        return True
+    if process_local_root:
+        if run.executor == "ray":
+            raise ValueError("run.executor = 'ray' cannot use a memory:// root (it is invisible to workers)")
+        return True
+    return False
+
+
+class InlineExecutor:
+    """Run cells in this process (memory:// roots, debugging)."""
+
+    def map(self, fn: Callable, cells: list, description: str, **_: Any) -> Iterator[tuple[Any, Any]]:
+        with progress(len(cells), description) as bar:
+            for cell in cells:
+                out = fn(cell)
+                bar.advance(0, 1)  # task 0: the only bar
+                yield cell, out
+
+
+class RayExecutor:
+    """One Ray task per cell; results stream back as they finish."""
+
+    def __init__(self, run: RunCfg, address: str | None = None):
+        init_ray(run, address)
+
+    def map(self, fn: Callable, cells: list, description: str, num_cpus: float = 1,
+            max_retries: int = 3, **options: Any) -> Iterator[tuple[Any, Any]]:
+        import ray
+
+        remote = ray.remote(_apply).options(num_cpus=num_cpus, max_retries=max_retries,
+                                            retry_exceptions=False, **options)
+        fn_ref = ray.put(fn)  # the work function (with its config) ships once, not once per cell
+        pending = {remote.remote(fn_ref, cell): cell for cell in cells}
+        with progress(len(cells), description) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                ref = done[0]
+                cell = pending.pop(ref)
+                yield cell, ray.get(ref)
+                bar.advance(0, 1)  # task 0: the only bar
+
+
+def _apply(fn: Callable, cell: Any) -> Any:
+    return fn(cell)
+
+
+def executor_for(run: RunCfg, process_local_root: bool, address: str | None = None):
+    return InlineExecutor() if use_inline(run, process_local_root) else RayExecutor(run, address)

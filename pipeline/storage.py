@@ -1,0 +1,143 @@
+"""The run root: every byte a stage reads or writes goes through fsspec under one URL.
+
+A `Root` is tiny and picklable (URL + storage options), so Ray tasks rebuild it on any node. Writes
+are atomic per object: local files are written to a temporary name and renamed; object stores
+(s3, gcs) make an object visible only when its upload completes; memory:// writes are in-process.
+Credentials are never stored here: s3fs reads them from the environment.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class Root:
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url.rstrip("/") if url not in ("/",) else url
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+
+    def __reduce__(self):
+        return (Root, (self.url, self.storage_options))
+
+    def __repr__(self) -> str:
+        return f"Root({self.url!r})"
+
+    # -- locations -------------------------------------------------------------------------
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            opts = dict(self.storage_options)
+            if self.protocol == "file":
+                opts.setdefault("auto_mkdir", True)
+            self._fs, self._base = fsspec.core.url_to_fs(self.url, **opts)
+        return self._fs
+
+    @property
+    def protocol(self) -> str:
+        proto = fsspec.utils.get_protocol(self.url)
+        return "file" if proto in ("file", "local") else proto
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @property
+    def process_local(self) -> bool:
+        """memory:// lives in one process: other Ray workers cannot see it."""
+        return self.protocol == "memory"
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path (no protocol) of a relative location under the root."""
+        self.fs  # noqa: B018 - resolve base
+        return "/".join([self._base.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def uri(self, *parts: str) -> str:
+        """Full URL (with protocol) of a relative location, for libraries that take URLs."""
+        rel = "/".join(p.strip("/") for p in parts if p)
+        return f"{self.url}/{rel}" if rel else self.url
+
+    # -- reading ---------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Base names directly under a folder ([] if it does not exist)."""
+        p = self.path(*parts)
+        try:
+            entries = self.fs.ls(p, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    # -- writing (atomic per object) -------------------------------------------------------
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        target = self.path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), *parts)
+
+    def write_table(self, table: pa.Table, *parts: str) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(buf.getvalue(), *parts)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create an object only if absent. True if we created it (local: O_EXCL; else check-then-write)."""
+        target = self.path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.exists(target):
+            return False
+        self.fs.pipe_file(target, data)
+        return self.fs.cat_file(target) == data
+
+    def remove(self, *parts: str, recursive: bool = False) -> None:
+        p = self.path(*parts)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=recursive)
+
+    # -- zarr ------------------------------------------------------------------------------
+    def zarr_store(self, *parts: str, read_only: bool = False):
+        """A zarr v3 store for a folder under the root (LocalStore on disk, FsspecStore elsewhere)."""
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path(*parts), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.uri(*parts), storage_options=self.storage_options or None, read_only=read_only)
