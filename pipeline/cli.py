@@ -68,9 +68,12 @@ def _summary(summary: dict) -> None:
 
 
 def _guarded(fn):
+    """Known failures print one clear message (set DAD_VERBOSE=1 for the traceback)."""
     try:
         return fn()
-    except (ConfigError, LockError, StaleConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, LockError, StaleConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if os.environ.get("DAD_VERBOSE") == "1":
+            raise
         _fail(str(e))
 
 
@@ -81,8 +84,9 @@ def config_show(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None,
                 as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of TOML")] = False):
     """Print the resolved config (file + --root + --set, with every default filled in)."""
     cfg = _guarded(lambda: _load(config, root, set_))
-    out.print(json.dumps(cfg.model_dump(mode="json"), indent=2) if as_json else cfg.to_toml(), markup=False,
-              highlight=False)
+    # Plain write, not rich: rich wraps long lines at the console width, which breaks TOML/JSON when piped.
+    text = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n" if as_json else cfg.to_toml()
+    typer.echo(text, nl=False)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,13 @@ class RunCfg(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (default: all)")
     executor: Literal["auto", "ray", "inline"] = Field(
         "auto", description="inline runs tasks in this process (used automatically for memory:// roots)")
+
+    @model_validator(mode="after")
+    def _executor(self) -> "RunCfg":
+        if self.executor == "ray" and self.root.startswith("memory://"):
+            raise ValueError("run.executor = 'ray' cannot use a memory:// run.root (other processes cannot see "
+                             "it); use executor = 'auto' or 'inline'")
+        return self
 
 
 class CorpusCfg(Section):
@@ -259,6 +267,12 @@ def load_config(path: str | Path | None = None, root: str | None = None,
 
 
 INLINE_TABLES = {"resources", "resources_per_worker"}
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    """A TOML key: bare when possible, else quoted (teacher names may contain dots or spaces)."""
+    return k if _BARE_KEY.match(k) else json.dumps(k)
 
 
 def dumps_toml(data: dict) -> str:
@@ -275,7 +289,7 @@ def dumps_toml(data: dict) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + "}"
+            return "{" + ", ".join(f"{_toml_key(k)} = {scalar(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
     def table(prefix: str, d: dict) -> None:
@@ -283,10 +297,10 @@ def dumps_toml(data: dict) -> str:
         plain = {k: v for k, v in d.items() if k not in nested}
         if prefix and (plain or not nested):
             out.append(f"[{prefix}]")
-            out.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
+            out.extend(f"{_toml_key(k)} = {scalar(v)}" for k, v in plain.items())
             out.append("")
         for k, v in nested.items():
-            table(f"{prefix}.{k}" if prefix else k, v)
+            table(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
 
     table("", data)
     return "\n".join(out).rstrip() + "\n"

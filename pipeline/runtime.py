@@ -35,6 +35,7 @@ _QUIET_ENV = {
     "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_BACKEND_LOG_LEVEL": "fatal",  # C++ core-worker chatter; full logs stay in the Ray session folder
     "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
 }
 
@@ -70,6 +71,8 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
     res = ray.cluster_resources()
     log.info("ray: %s (%.0f CPU, %.0f GPU) in %.1f s", address or "local cluster",
              res.get("CPU", 0), res.get("GPU", 0), time.time() - t0)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from ray.data import DataContext
 

@@ -1,0 +1,239 @@
+"""Rendered 3-D scenes with exact metric depth: the embedded default corpus and its exact-label twin.
+
+Why rendered scenes: the embedded default must run with no GPU and no downloadable weights or
+data, yet the pipeline needs images whose true depth is known, both to check every stage and to
+measure whether distillation helps. A renderer gives that: RGB plus z-buffer depth that is exact
+to float precision, for as many fresh images as wanted.
+
+How: ``layouts.build_scene`` draws a room, a cluttered tabletop or an outdoor lot (10-30 objects in
+view, thin structures, near occluders, photo and procedural textures with metric UVs) and four
+cameras, all from the scene seed; pybullet's CPU TinyRenderer (DIRECT mode, one client per call, so
+safe in multiprocessing pools and Ray workers) renders one camera. View ``seed`` shows camera
+``seed % 4`` of scene ``seed // 4``: ``render_view(seed)`` is a pure function of its seed, and
+``render_views`` builds each scene once for its consecutive seeds (a build costs about as much as
+two renders). Depth is z along the optical axis in metres, ``z = f·n / (f − (f − n)·zbuf)``;
+0 marks pixels with no surface (sky).
+
+Anti-aliasing choice: the renderer samples textures nearest-neighbour without mipmaps and has no
+edge anti-aliasing. ``supersample=2`` renders at 2x and averages RGB over 2x2 blocks (depth: the
+harmonic mean of the block's majority surface, exact for planes), which removes the shimmer on
+distant floors but costs about 4x. The default is ``supersample=1`` so a single process keeps the
+~20 images/s goal at 256²; textures are low-pass (256² tiles, Lanczos-resized) to limit aliasing.
+See ``bench/scenes_speed.py`` for measured rates of both settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import groupby
+from multiprocessing import get_context
+
+import numpy as np
+from PIL import Image
+
+from pipeline.datasets import layouts, photometric
+from pipeline.datasets.layouts import VIEWS_PER_SCENE, Camera, Scene
+from pipeline.datasets.props import build_mesh
+from pipeline.datasets.textures import texture_files
+
+MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"
+
+
+@dataclass
+class View:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    depth: np.ndarray  # (H, W) float32 metres along the optical axis; 0 = no surface
+    K: np.ndarray  # (3, 3) float64 intrinsics, pixel (u, v) = column, row index of pixel centres
+    kind: str  # "room" | "tabletop" | "outdoor"
+    seed: int
+    floor: tuple[np.ndarray, float] | None = None  # (n, d) with n·X + d = 0 in camera coordinates
+    floor_mask: np.ndarray | None = None  # (H, W) bool: pixels showing the floor / ground
+    n_objects: int = 0  # distinct objects (not floor, walls or ceiling) covering > MIN_OBJECT_PIXELS
+    textures: tuple[str, ...] = field(default_factory=tuple)  # texture names used by the scene
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """View seed -> (scene seed, camera index)."""
+    return seed // VIEWS_PER_SCENE, seed % VIEWS_PER_SCENE
+
+
+def intrinsics(fov_deg: float, size: int) -> np.ndarray:
+    f = (size / 2) / np.tan(np.radians(fov_deg) / 2)
+    c = (size - 1) / 2
+    return np.array([[f, 0, c], [0, f, c], [0, 0, 1.0]])
+
+
+def _quaternion(R: np.ndarray) -> list[float]:
+    """Rotation matrix -> (x, y, z, w)."""
+    w = np.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
+    x = np.copysign(np.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
+    y = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
+    z = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
+    return [float(x), float(y), float(z), float(w)]
+
+
+class _Client:
+    """One pybullet DIRECT client holding one built scene; disconnects on exit."""
+
+    def __init__(self, scene: Scene):
+        import pybullet as p
+
+        self.p, self.scene = p, scene
+        self.cid = p.connect(p.DIRECT)
+        files = texture_files()
+        tex_ids = {name: p.loadTexture(files[name], physicsClientId=self.cid)
+                   for name in sorted({part.texture for part in scene.parts})}
+        self.group_of_body: dict[int, int] = {}
+        for part, group in zip(scene.parts, scene.groups):
+            m = build_mesh(part)
+            vs = p.createVisualShape(p.GEOM_MESH, vertices=m.vertices.tolist(), indices=m.indices.tolist(),
+                                     uvs=m.uvs.tolist(), normals=m.normals.tolist(), physicsClientId=self.cid)
+            body = p.createMultiBody(baseVisualShapeIndex=vs, basePosition=part.pos.tolist(),
+                                     baseOrientation=_quaternion(part.rot), physicsClientId=self.cid)
+            p.changeVisualShape(body, -1, textureUniqueId=tex_ids[part.texture], rgbaColor=[*part.tint, 1.0],
+                                physicsClientId=self.cid)
+            self.group_of_body[body] = group
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.p.disconnect(self.cid)
+
+    def render(self, cam: Camera, size: int, light: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rgb uint8, metric depth float64 with 0 = empty, group id per pixel with -100 = empty)."""
+        p = self.p
+        view = p.computeViewMatrix(cam.eye.tolist(), (cam.eye + cam.R[:, 2]).tolist(), (-cam.R[:, 1]).tolist())
+        proj = p.computeProjectionMatrixFOV(cam.fov_deg, 1.0, cam.near, cam.far)
+        _, _, rgba, zbuf, seg = p.getCameraImage(size, size, view, proj, renderer=p.ER_TINY_RENDERER,
+                                                 physicsClientId=self.cid, **light)
+        rgb = np.asarray(rgba, np.uint8).reshape(size, size, 4)[:, :, :3]
+        zbuf = np.asarray(zbuf, np.float64).reshape(size, size)
+        seg = np.asarray(seg, np.int64).reshape(size, size)
+        depth = cam.far * cam.near / (cam.far - (cam.far - cam.near) * zbuf)
+        lut = np.full(max(self.group_of_body) + 2, -100, np.int64)
+        for body, group in self.group_of_body.items():
+            lut[body] = group
+        groups = np.where(seg >= 0, lut[np.clip(seg, 0, len(lut) - 1)], -100)
+        return rgb, np.where(groups > -100, depth, 0.0), groups
+
+
+def _light(rng: np.random.Generator, kind: str) -> dict:
+    elev, azim = np.radians(rng.uniform(25, 80)), rng.uniform(0, 2 * np.pi)
+    warmth = rng.uniform(-0.12, 0.12)
+    return dict(
+        lightDirection=[float(np.cos(elev) * np.cos(azim)), float(np.cos(elev) * np.sin(azim)), float(np.sin(elev))],
+        lightColor=[float(1 + warmth), 1.0, float(1 - warmth)],
+        lightDistance=10.0,
+        lightAmbientCoeff=float(rng.uniform(0.35, 0.65)),
+        lightDiffuseCoeff=float(rng.uniform(0.35, 0.65)),
+        lightSpecularCoeff=float(rng.uniform(0.0, 0.3)),
+        shadow=int(kind == "outdoor" or rng.random() < 0.5),
+    )
+
+
+def _downsample(rgb, depth, groups, s: int):
+    """Average RGB over s×s blocks; depth = harmonic mean over the block's majority surface."""
+    if s == 1:
+        return rgb, depth, groups
+    h = rgb.shape[0] // s
+    blocks = lambda a: a.reshape(h, s, h, s, *a.shape[2:]).swapaxes(1, 2).reshape(h, h, s * s, *a.shape[2:])
+    rgb_lo = (blocks(rgb.astype(np.float64)).mean(axis=2) + 0.5).astype(np.uint8)
+    g, z = blocks(groups), blocks(depth)
+    counts = (g[..., :, None] == g[..., None, :]).sum(-1)
+    major = np.take_along_axis(g, counts.argmax(-1)[..., None], -1)[..., 0]
+    same = g == major[..., None]
+    inv = np.where(same & (z > 0), 1 / np.where(z > 0, z, 1), 0).sum(-1)
+    depth_lo = np.where(inv > 0, same.sum(-1) / np.where(inv > 0, inv, 1), 0.0)
+    groups_lo = np.where(same.all(-1), major, np.where(major == 0, -50, major))  # floor only if pure
+    return rgb_lo, depth_lo, groups_lo
+
+
+def _view(client: _Client, seed: int, size: int, augment: bool, supersample: int) -> View:
+    scene, (_, cam_index) = client.scene, split_seed(seed)
+    cam = scene.cameras[cam_index]
+    rng = np.random.default_rng([seed, 11])
+    rgb, depth, groups = _downsample(*client.render(cam, size * supersample, _light(rng, scene.kind)), supersample)
+    K = intrinsics(cam.fov_deg, size)
+    elev = photometric.ray_elevation(K, cam.R, size)
+    rgb = photometric.finish(rgb, depth, elev, scene.haze_m, scene.sky, rng)
+    if augment:
+        rgb = photometric.augment(rgb, np.random.default_rng([seed, 12]))
+    ids, counts = np.unique(groups[groups > 0], return_counts=True)
+    floor_mask = groups == 0
+    return View(
+        rgb=rgb,
+        depth=depth.astype(np.float32),
+        K=K,
+        kind=scene.kind,
+        seed=seed,
+        floor=(cam.R.T @ np.array([0.0, 0.0, 1.0]), float(cam.eye[2])),
+        floor_mask=floor_mask,
+        n_objects=int((counts >= MIN_OBJECT_PIXELS * size * size).sum()),
+        textures=tuple(sorted({p.texture for p in scene.parts})),
+    )
+
+
+def _render_group(args) -> list[View]:
+    seeds, size, kind, augment, supersample = args
+    scene = layouts.build_scene(split_seed(seeds[0])[0], kind)
+    with _Client(scene) as client:
+        return [_view(client, s, size, augment, supersample) for s in seeds]
+
+
+def render_view(seed: int, size: int = 256, kind: str | None = None, augment: bool = False,
+                supersample: int = 1) -> View:
+    """Render view ``seed`` (camera ``seed % 4`` of scene ``seed // 4``); a pure function of its arguments."""
+    return _render_group(([int(seed)], size, kind, augment, supersample))[0]
+
+
+def _groups(seeds: Iterable[int], size, kind, augment, supersample):
+    for _, grp in groupby((int(s) for s in seeds), key=lambda s: split_seed(s)[0]):
+        yield list(grp), size, kind, augment, supersample
+
+
+def render_views(seeds: Iterable[int], size: int = 256, processes: int = 1, kind: str | None = None,
+                 augment: bool = False, supersample: int = 1) -> Iterator[View]:
+    """Render many views in order; consecutive seeds of one scene share its build. ``processes > 1``
+    uses a spawn-context multiprocessing pool (order kept, results identical to one process)."""
+    jobs = _groups(seeds, size, kind, augment, supersample)
+    if processes <= 1:
+        for job in jobs:
+            yield from _render_group(job)
+        return
+    with get_context("spawn").Pool(processes) as pool:
+        for views in pool.imap(_render_group, jobs):
+            yield from views
+
+
+def view_id(seed: int) -> str:
+    return f"scene_{int(seed):06d}"
+
+
+def write_unlabeled(out_dir: str, seeds: Iterable[int], size: int = 256, processes: int = 1) -> list[str]:
+    """Write ``<out_dir>/scene_<seed:06d>.png`` for each seed; returns the paths in seed order."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for v in render_views(seeds, size=size, processes=processes):
+        path = os.path.join(out_dir, view_id(v.seed) + ".png")
+        Image.fromarray(v.rgb).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_labeled(out_dir: str, seeds: Iterable[int], size: int = 256, processes: int = 1) -> list[str]:
+    """Write ``<id>.png`` (RGB), ``<id>.npy`` (float32 depth in metres, 0 = invalid) and ``<id>.json``
+    (K, kind, seed) per seed; returns the PNG paths in seed order."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for v in render_views(seeds, size=size, processes=processes):
+        base = os.path.join(out_dir, view_id(v.seed))
+        Image.fromarray(v.rgb).save(base + ".png")
+        np.save(base + ".npy", v.depth)
+        with open(base + ".json", "w") as f:
+            json.dump({"K": v.K.tolist(), "kind": v.kind, "seed": v.seed, "depth_unit": "m"}, f)
+        paths.append(base + ".png")
+    return paths

@@ -1,0 +1,243 @@
+"""Texture bank for the rendered scenes: real photographs from scikit-image plus procedural materials.
+
+Why: a student trained on flat-coloured renders learns nothing about texture gradients, the cue that
+tells distance from how densely a pattern repeats. Real photographs give natural image statistics;
+procedural materials (wood, tiles, plaster, stripes, checkers) give the regular patterns that make
+the texture-gradient cue strong. Everything is generated from fixed seeds, so the bank is identical
+in every process and every render stays a pure function of its seed.
+
+Only photographs that ship inside scikit-image (no download) are used. ``stereo_motorcycle`` is
+evaluation material (it has ground-truth disparity) and is never a texture; nor is anything under
+``shared/data/realeval``. ``FORBIDDEN_SOURCES`` is checked when the bank is built.
+
+Photographs are made seamless by mirror tiling (the 2x2 mirrored image repeats without seams), since
+the renderer repeats every texture many times across a floor or wall.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import inspect
+import sys
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+TEXTURE_SIZE = 256
+FORBIDDEN_SOURCES = frozenset({"stereo_motorcycle"})
+
+# skimage.data loader name -> material roles it serves ("floor", "wall", "ground", "object", "poster").
+PHOTO_SOURCES: dict[str, tuple[str, ...]] = {
+    "astronaut": ("object", "poster"),
+    "brick": ("wall", "ground", "object"),
+    "camera": ("object", "poster"),
+    "chelsea": ("object", "poster"),
+    "clock": ("object",),
+    "coffee": ("object", "poster"),
+    "coins": ("object", "floor"),
+    "grass": ("ground", "object"),
+    "gravel": ("ground", "floor", "object"),
+    "hubble_deep_field": ("object", "poster"),
+    "immunohistochemistry": ("object", "wall"),
+    "moon": ("ground", "object", "wall"),
+    "page": ("object", "poster"),
+    "rocket": ("object", "poster"),
+    "text": ("object",),
+}
+
+PROCEDURAL_KINDS: dict[str, tuple[str, ...]] = {
+    "checker": ("floor", "object"),
+    "noise": ("wall", "floor", "ground", "object"),
+    "stripes": ("wall", "object"),
+    "wood": ("floor", "object"),
+    "tiles": ("floor", "wall", "ground"),
+}
+VARIANTS_PER_KIND = 4
+
+
+@dataclass(frozen=True)
+class Texture:
+    name: str  # unique key, e.g. "photo:brick" or "wood:2"
+    source: str  # skimage loader name, or the procedural kind
+    roles: tuple[str, ...]
+    image: np.ndarray  # (TEXTURE_SIZE, TEXTURE_SIZE, 3) uint8
+
+    @property
+    def grey(self) -> bool:
+        return _is_grey(self.name)
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return img[:, :, :3]
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def _centre_square(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = min(h, w)
+    return img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+
+
+def _seamless(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre square crop, mirrored 2x2 so the tile repeats without seams, resized to ``size``."""
+    sq = _centre_square(img)
+    top = np.concatenate([sq, sq[:, ::-1]], axis=1)
+    return _resize(np.concatenate([top, top[::-1]], axis=0), size)
+
+
+def load_photo(name: str) -> np.ndarray:
+    if name in FORBIDDEN_SOURCES:
+        raise ValueError(f"{name} is evaluation material and must never be used as a texture")
+    import skimage.data
+
+    return _to_rgb(getattr(skimage.data, name)())
+
+
+def _fbm(rng: np.random.Generator, size: int, octaves: int = 5, base: int = 4) -> np.ndarray:
+    """Tileable fractal value noise in [0, 1] (periodic low-frequency grids upsampled by FFT-free wrap)."""
+    out = np.zeros((size, size))
+    amp, total = 1.0, 0.0
+    for o in range(octaves):
+        cells = base * 2**o
+        grid = rng.random((cells, cells))
+        grid = np.concatenate([grid, grid[:1]], 0)
+        grid = np.concatenate([grid, grid[:, :1]], 1)  # wrap so the noise tiles
+        t = np.linspace(0, cells, size, endpoint=False)
+        i = t.astype(int)
+        f = t - i
+        f = f * f * (3 - 2 * f)
+        a = grid[i][:, i] * (1 - f)[None, :] + grid[i][:, i + 1] * f[None, :]
+        b = grid[i + 1][:, i] * (1 - f)[None, :] + grid[i + 1][:, i + 1] * f[None, :]
+        out += amp * (a * (1 - f)[:, None] + b * f[:, None])
+        total += amp
+        amp *= 0.5
+    return out / total
+
+
+def _colour(rng: np.random.Generator, lo: float = 0.15, hi: float = 0.95) -> np.ndarray:
+    """A muted colour (real materials are rarely fully saturated): random hue, saturation <= 0.6."""
+    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.6), rng.uniform(lo, hi)))
+
+
+def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
+
+
+def procedural(kind: str, variant: int, size: int = TEXTURE_SIZE) -> np.ndarray:
+    """One procedural material image, a pure function of (kind, variant); tiles seamlessly."""
+    rng = np.random.default_rng([hash_str(kind), variant])
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    grain = _fbm(rng, size, octaves=4, base=8)
+    if kind == "checker":
+        n = int(rng.choice([2, 4, 8]))
+        t = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(float)
+        img = _mix(_colour(rng), _colour(rng), t) * (0.85 + 0.3 * grain[..., None])
+    elif kind == "noise":
+        t = _fbm(rng, size, octaves=6, base=int(rng.choice([2, 4, 8])))
+        img = _mix(_colour(rng), _colour(rng), np.clip((t - 0.5) * 2.5 + 0.5, 0, 1))
+    elif kind == "stripes":
+        n = int(rng.choice([4, 8, 16]))
+        t = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * n * xx + rng.uniform(0, 6)))
+        img = _mix(_colour(rng), _colour(rng), t) * (0.9 + 0.2 * grain[..., None])
+    elif kind == "wood":
+        rings = int(rng.choice([6, 10, 16]))
+        warp = _fbm(rng, size, octaves=4, base=4)
+        t = (np.sin(2 * np.pi * (rings * yy + 2.0 * warp + 0.3 * np.sin(2 * np.pi * xx))) + 1) / 2
+        light = np.array([0.75, 0.55, 0.35]) * rng.uniform(0.7, 1.2)
+        img = _mix(light, light * 0.55, t**2) * (0.85 + 0.3 * grain[..., None])
+    elif kind == "tiles":
+        n = int(rng.choice([2, 4]))
+        gu, gv = (xx * n) % 1, (yy * n) % 1
+        grout = (np.minimum(np.minimum(gu, 1 - gu), np.minimum(gv, 1 - gv)) < 0.03).astype(float)
+        tile_shade = rng.uniform(0.85, 1.1, (n, n))[(yy * n).astype(int) % n, (xx * n).astype(int) % n]
+        base = _colour(rng, 0.4, 0.95) * (tile_shade * (0.9 + 0.2 * grain))[..., None]
+        img = base * (1 - grout[..., None]) + _colour(rng, 0.1, 0.4)[None, None] * grout[..., None]
+    else:
+        raise ValueError(f"unknown procedural texture kind {kind!r}")
+    return np.clip(img * 255, 0, 255).astype(np.uint8)
+
+
+def hash_str(s: str) -> int:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little")
+
+
+@lru_cache(maxsize=1)
+def texture_bank() -> tuple[Texture, ...]:
+    """Every texture a scene may use, in a fixed order (the order is part of determinism)."""
+    bank = []
+    for name, roles in PHOTO_SOURCES.items():
+        photo = load_photo(name)
+        material_roles = tuple(r for r in roles if r != "poster")
+        bank.append(Texture(f"photo:{name}", name, material_roles, _seamless(photo, TEXTURE_SIZE)))
+        if "poster" in roles:  # posters show the photograph once, unmirrored
+            bank.append(Texture(f"poster:{name}", name, ("poster",), _resize(_centre_square(photo), TEXTURE_SIZE)))
+    for kind, roles in PROCEDURAL_KINDS.items():
+        for v in range(VARIANTS_PER_KIND):
+            bank.append(Texture(f"{kind}:{v}", kind, roles, procedural(kind, v)))
+    assert not {t.source for t in bank} & FORBIDDEN_SOURCES
+    return tuple(bank)
+
+
+def texture_sources() -> list[str]:
+    """The distinct sources (skimage loader names and procedural kinds) behind the bank."""
+    return sorted({t.source for t in texture_bank()})
+
+
+@lru_cache(maxsize=None)
+def textures_for(role: str) -> tuple[Texture, ...]:
+    return tuple(t for t in texture_bank() if role in t.roles)
+
+
+@lru_cache(maxsize=None)
+def _is_grey(name: str) -> bool:
+    img = next(t.image for t in texture_bank() if t.name == name).astype(np.int16)
+    return bool(np.abs(img - img.mean(axis=2, keepdims=True)).mean() < 2)
+
+
+def _bank_key() -> str:
+    """Identifies the bank without building it: this module's source plus the scikit-image version."""
+    import skimage
+
+    h = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode())
+    h.update(skimage.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def texture_names() -> list[str]:
+    names = []
+    for name, roles in PHOTO_SOURCES.items():
+        names += [f"photo:{name}"] + ([f"poster:{name}"] if "poster" in roles else [])
+    names += [f"{k}:{v}" for k in PROCEDURAL_KINDS for v in range(VARIANTS_PER_KIND)]
+    return names
+
+
+@lru_cache(maxsize=1)
+def texture_files() -> dict[str, str]:
+    """Texture name -> PNG path, written once per machine (pybullet loads textures from files only).
+
+    Files live in a content-addressed temp folder and are written atomically, so concurrent
+    processes never read a half-written file.
+    """
+    folder = os.path.join(tempfile.gettempdir(), f"dad-textures-{_bank_key()}")
+    paths = {n: os.path.join(folder, n.replace(":", "_") + ".png") for n in texture_names()}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.makedirs(folder, exist_ok=True)
+    for t in texture_bank():
+        tmp = f"{paths[t.name]}.{os.getpid()}.tmp"
+        Image.fromarray(t.image).save(tmp, format="PNG")
+        os.replace(tmp, paths[t.name])
+    return paths

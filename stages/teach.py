@@ -1,0 +1,205 @@
+"""Teach stage: run every teacher on every corpus shard; cache global + local predictions in Zarr.
+
+For each (teacher, shard) cell without a current marker: read the shard's tar, build the global
+input (the stored region resized to G×G) and the K local inputs (each patch box cut from the
+native-resolution region, at `crops.patch` px), run the teacher in batches, resample the local
+predictions to L×L, and write the shard's slice of `cache/<teacher>/` in one call; then the marker.
+
+Each teacher runs as a Ray Data actor pool (`map_batches` with a class UDF; the model is loaded once
+per actor; `actors`, `num_gpus`, `num_cpus`, `memory`, `resources` per actor from the teacher's
+config). One corpus shard goes to one actor call, so one task writes one Zarr shard.
+
+Cells are keyed by a fingerprint of the teacher spec (weights identity, input rule, output space),
+the corpus/crop plan and the cache layout: adding a teacher computes only its own cells; changing
+one redoes only its cells; the other teachers' groups are not opened for writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import ensure_cache, open_cache, write_shard
+from pipeline.config import DadConfig, TeacherCfg, fingerprint
+from pipeline.corpus import iter_shard, shard_ids, shard_name
+from pipeline.crops import box_pixels
+from pipeline.images import resize
+from pipeline.ledger import Ledger, check_recorded, stage_lock
+from pipeline.runtime import init_ray, progress, use_inline
+from pipeline.storage import Root
+from stages.shard import shard_fingerprint
+from stages.teachers import Teacher, build_teacher, spec_for
+
+log = logging.getLogger("dad.teach")
+STAGE = "teach"
+
+
+def cell_fingerprint(cfg: DadConfig, teacher_fp: str) -> str:
+    return fingerprint({"teacher": teacher_fp, "corpus": shard_fingerprint(cfg), "layout": 1})
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def sample_inputs(region: np.ndarray, boxes: list, g: int, p: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The G×G global input and the K local patches (P×P) of one stored region."""
+    side = region.shape[0]
+    glob = resize(region, (g, g))
+    locs = []
+    for box in boxes:
+        x0, y0, x1, y1 = box_pixels(tuple(box), side)
+        locs.append(resize(region[y0:y1, x0:x1], (p, p)))
+    return glob, locs
+
+
+def predict_batched(teacher: Teacher, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+    outs = []
+    for i in range(0, len(images), batch_size):
+        pred = teacher.predict(to_tensor(images[i:i + batch_size]).to(teacher.device))
+        outs.append(pred.float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def resample(maps: np.ndarray, size: int) -> np.ndarray:
+    """(N,h,w) → (N,size,size), bilinear with antialiasing; NaNs stay NaN where they touch."""
+    t = torch.from_numpy(maps)[:, None]
+    if t.shape[-1] == size and t.shape[-2] == size:
+        return maps
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[:, 0].numpy()
+
+
+class TeachWorker:
+    """Ray Data actor (class UDF): loads one teacher once, then processes whole corpus shards."""
+
+    def __init__(self, root: Root, cfg: DadConfig, name: str, fp: str):
+        tcfg: TeacherCfg = cfg.teachers[name]
+        if tcfg.torch_threads:
+            torch.set_num_threads(tcfg.torch_threads)
+        device = "cuda" if tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.root, self.cfg, self.name, self.fp, self.tcfg = root, cfg, name, fp, tcfg
+        self.teacher = build_teacher(name, tcfg).to(device)
+        self.group = open_cache(root, name, mode="r+")
+        self.ledger = Ledger(root)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.process(int(s)) for s in batch["shard"]]
+        return {k: np.array([r[k] for r in results]) for k in results[0]}
+
+    def process(self, shard: int) -> dict:
+        t0 = time.time()
+        crops, bs = self.cfg.crops, self.tcfg.batch_size
+        globals_, locals_ = [], []
+        for record, region in iter_shard(self.root, shard):
+            glob, locs = sample_inputs(region, record["boxes"], crops.global_size, crops.patch)
+            globals_.append(glob)
+            locals_.extend(locs)
+        n, k = len(globals_), crops.local_count
+        g_pred = predict_batched(self.teacher, globals_, bs) if n else np.zeros((0, crops.global_size, crops.global_size))
+        l_pred = predict_batched(self.teacher, locals_, bs) if n else np.zeros((0, crops.patch, crops.patch))
+        g_pred = resample(g_pred.astype(np.float32), crops.global_size)
+        l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
+        stats = write_shard(self.group, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
+        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), **stats}
+        self.ledger.mark(STAGE, self.name, shard_name(shard), self.fp, info)
+        return info
+
+
+def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int], inline: bool) -> list[dict]:
+    tcfg = cfg.teachers[name]
+    if inline:
+        worker = TeachWorker(root, cfg, name, fp)
+        with progress(len(todo), f"teach {name}") as bar:
+            out = []
+            for s in todo:
+                out.append(worker.process(s))
+                bar.advance(0, 1)
+            return out
+    import ray.data
+
+    remote_args = {"num_cpus": tcfg.num_cpus, "num_gpus": tcfg.num_gpus}
+    if tcfg.memory:
+        remote_args["memory"] = tcfg.memory
+    if tcfg.resources:
+        remote_args["resources"] = tcfg.resources
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(TeachWorker, fn_constructor_args=(root, cfg, name, fp), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(todo))), **remote_args)
+    out = []
+    with progress(len(todo), f"teach {name}") as bar:
+        try:
+            for row in ds.iter_rows():
+                out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                bar.advance(0, 1)
+        except Exception as err:  # Ray wraps the actor's error; show the cause, keep finished cells
+            raise RuntimeError(f"teacher {name!r} failed ({len(out)}/{len(todo)} shards finished and kept): "
+                               f"{root_cause(err)}") from err
+    return out
+
+
+def root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None = None,
+        break_lock: bool = False) -> dict:
+    """Fill the target cache for the given teachers (default: all configured); only missing cells."""
+    t0 = time.time()
+    root = Root(cfg.run.root)
+    ledger = Ledger(root)
+    names = teachers or list(cfg.teachers)
+    if not names:
+        raise ValueError("no teachers configured: add a [teachers.<name>] section")
+    unknown = [n for n in names if n not in cfg.teachers]
+    if unknown:
+        raise ValueError(f"--teacher {', '.join(unknown)}: not configured (configured: {', '.join(cfg.teachers)})")
+    check_recorded(root, cfg, STAGE)
+    if not ledger.is_done("shard", "_", "final", shard_fingerprint(cfg)):
+        raise FileNotFoundError(f"the corpus in {root.url} is not complete: run `dad shard` first")
+    shards = shard_ids(root)
+    inline = use_inline(cfg.run, root.process_local)
+    if not inline:
+        init_ray(cfg.run, address)
+    totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0}
+    for name in names:
+        spec = spec_for(name, cfg.teachers[name])
+        fp = cell_fingerprint(cfg, spec.fingerprint)
+        with stage_lock(root, STAGE, name, break_lock=break_lock, command=f"dad teach --teacher {name}"):
+            done = ledger.done(STAGE, name, fp)
+            todo = [s for s in shards if shard_name(s) not in done]
+            totals["skipped"] += len(shards) - len(todo)
+            if not todo:
+                continue
+            c = cfg.crops
+            ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
+                         c.local_store, attrs={"teacher": spec.as_attrs(), "output_space": spec.output_space,
+                                               "license": spec.license, "fingerprint": fp,
+                                               "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size})
+            for info in _run_teacher(root, cfg, name, fp, todo, inline):
+                totals["samples"] += int(info["samples"])
+                totals["cells"] += 1
+                totals["invalid_px"] += int(info["invalid_global_px"]) + int(info["invalid_local_px"])
+    return {"stage": STAGE, "teachers": len(names), **totals, "seconds": round(time.time() - t0, 2)}
+
+
+def status(cfg: DadConfig, root: Root) -> list[dict]:
+    ledger = Ledger(root)
+    try:
+        total = len(shard_ids(root))
+    except FileNotFoundError:
+        total = 0
+    rows = []
+    for name, tcfg in cfg.teachers.items():
+        fp = cell_fingerprint(cfg, spec_for(name, tcfg).fingerprint)
+        markers = ledger.markers(STAGE, name)
+        done = sum(fp in fps for fps in markers.values())
+        stale = sum(fp not in fps for fps in markers.values())
+        note = "complete" if total and done == total else ("stale: settings changed" if stale else "")
+        rows.append({"stage": STAGE, "scope": name, "done": done, "total": total, "stale": stale, "note": note})
+    return rows

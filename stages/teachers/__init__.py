@@ -1,0 +1,112 @@
+"""Teachers: anything that maps RGB to a depth-like map, behind one small interface (DESIGN §5).
+
+    class Teacher:
+        spec: TeacherSpec                     # name, adapter, output space, input rule, licence, weights id
+        def predict(self, rgb): ...           # (B,3,H,W) float in [0,1] → (B,H,W) in spec.output_space
+
+Adapters are found by name: built-ins (`hf`, `checkpoint`, `pixel`), installed plugins registered
+under the entry-point group `dad.teachers` (a third party ships a package whose pyproject declares
+`[project.entry-points."dad.teachers"] mine = "mypkg:MyTeacher"`), or a dotted `module:Class` path.
+An adapter class is constructed as `Adapter(name, TeacherCfg)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DadConfig, TeacherCfg, fingerprint
+
+BUILTIN = {
+    "hf": "stages.teachers.hf:HFTeacher",
+    "checkpoint": "stages.teachers.checkpoint:CheckpointTeacher",
+    "pixel": "stages.teachers.pixel:PixelTeacher",
+}
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    adapter: str
+    model: str
+    output_space: str
+    input_rule: str
+    license: str
+    weights_id: str
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(asdict(self) | {"name": None})  # renaming a teacher does not change its targets
+
+    def as_attrs(self) -> dict:
+        return asdict(self) | {"fingerprint": self.fingerprint}
+
+
+class Teacher:
+    """Base class: adapters set `self.spec` and implement `predict`."""
+
+    spec: TeacherSpec
+    device: torch.device = torch.device("cpu")
+
+    def predict(self, rgb: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> "Teacher":
+        self.device = torch.device(device)
+        return self
+
+
+def adapters() -> dict[str, str]:
+    """adapter name → 'module:Class' (built-ins, then installed plugins, which may override)."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group="dad.teachers"):
+        found[ep.name] = ep.value
+    return found
+
+
+def _load_class(target: str):
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"teacher adapter {target!r} cannot be loaded: {err}") from None
+
+
+def build_teacher(name: str, tcfg: TeacherCfg) -> Teacher:
+    known = adapters()
+    target = known.get(tcfg.adapter) or (tcfg.adapter if ":" in tcfg.adapter else None)
+    if target is None:
+        raise ValueError(f"teachers.{name}.adapter: unknown adapter {tcfg.adapter!r} "
+                         f"(known: {', '.join(sorted(known))}, or module:Class)")
+    return _load_class(target)(name, tcfg)
+
+
+def spec_for(name: str, tcfg: TeacherCfg) -> TeacherSpec:
+    """The spec without loading weights (adapters expose a classmethod `describe`)."""
+    known = adapters()
+    target = known.get(tcfg.adapter) or tcfg.adapter
+    return _load_class(target).describe(name, tcfg)
+
+
+def describe(cfg: DadConfig | None) -> tuple[list[tuple[str, str]], list[dict]]:
+    rows = []
+    for name, tcfg in (cfg.teachers.items() if cfg else []):
+        spec = spec_for(name, tcfg)
+        rows.append({"name": name, "adapter": spec.adapter, "model": spec.model, "output_space": spec.output_space,
+                     "license": spec.license, "fingerprint": spec.fingerprint})
+    return sorted(adapters().items()), rows
+
+
+def resize_to_multiple(rgb: torch.Tensor, short_side: int, multiple: int = 14) -> torch.Tensor:
+    """Resize so the short side is ~`short_side`, both sides multiples of `multiple` (bicubic, DAv2-style)."""
+    h, w = rgb.shape[-2:]
+    scale = short_side / min(h, w)
+    nh = max(multiple, round(h * scale / multiple) * multiple)
+    nw = max(multiple, round(w * scale / multiple) * multiple)
+    if (nh, nw) == (h, w):
+        return rgb
+    return F.interpolate(rgb, size=(nh, nw), mode="bicubic", align_corners=False).clamp(0, 1)
