@@ -162,7 +162,8 @@ class TrainCfg(Section):
 
 class EvalCfg(Section):
     datasets: list[str] = Field(default_factory=list, description="e.g. realeval:../shared/data/realeval")
-    align: Literal["disparity", "depth"] = "disparity"
+    align: Literal["disparity", "depth", "inverse_depth"] = Field(
+        "disparity", description="LSQ fit in disparity scored in depth (Marigold), in depth, or fit+score in 1/depth")
     resolution: int = Field(518, ge=14)
     max_samples: int | None = Field(None, ge=1)
     pictures: int = Field(6, ge=0)

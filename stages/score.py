@@ -1,0 +1,240 @@
+"""Score stage: how good is each teacher on each sample, and which teacher should supervise it.
+
+Metrics (per sample and teacher, on disparity; one Ray task per corpus shard, each with a marker):
+
+* `lg_consistency` — mean over the K local predictions of the AbsRel between the local prediction
+  (least-squares scale+shift fitted) and the teacher's own global prediction cut at that patch:
+  how much the teacher contradicts itself across contexts (PAPER §3, Fig. 5). Lower is better.
+* `agreement` — median over the other teachers of the aligned AbsRel between global predictions
+  (null with one teacher). Lower is better.
+* `valid_fraction`, `collapsed` (non-finite, or relative spread below `score.collapse_rel_std`),
+  and value-range statistics (p2, median, p98 of the global disparity).
+
+Every AbsRel is measured in the reference's canonical frame (`pipeline.targets.canonical`), so all
+metrics are invariant to affine maps of a teacher's output — teachers differ in scale and shift.
+
+Selection (`scores/selection.parquet`, recomputed from `scores.parquet` alone, in seconds, when only
+the policy changes): per sample, the probability `p_<teacher>` that a training step uses it.
+`paper` fixed priors · `best` argmin score · `weighted` prior × softmax(−score/τ) · `filter` a base
+policy plus dropping samples whose best score exceeds a threshold · `mix` per-sample weights of a
+pixel-wise average (the paper's "Avg." arm, which it found harmful; here to test that claim).
+Collapsed/invalid pairs and excluded licences always get 0; samples left with nothing are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cache import as_disparity, open_cache, read_rows
+from pipeline.config import DadConfig, ScoreCfg, fingerprint
+from pipeline.corpus import manifest, shard_name
+from pipeline.ledger import Ledger, check_recorded, stage_lock
+from pipeline.runtime import executor_for
+from pipeline.storage import Root
+from pipeline.targets import aligned_absrel, cut_box
+from stages.teach import cell_fingerprint
+from stages.teachers import spec_for
+
+log = logging.getLogger("dad.score")
+STAGE = "score"
+
+
+def teacher_fps(cfg: DadConfig) -> dict[str, str]:
+    return {n: cell_fingerprint(cfg, spec_for(n, t).fingerprint) for n, t in cfg.teachers.items()}
+
+
+def metrics_fingerprint(cfg: DadConfig, tfps: dict[str, str]) -> str:
+    s = cfg.score
+    return fingerprint({"teachers": tfps, "collapse": s.collapse_rel_std, "valid": s.min_valid_fraction, "v": 1})
+
+
+def selection_fingerprint(cfg: DadConfig, mfp: str) -> str:
+    s = cfg.score.model_dump(exclude={"collapse_rel_std", "min_valid_fraction"})
+    return fingerprint({"metrics": mfp, "policy": s, "priors": {n: t.prior for n, t in cfg.teachers.items()},
+                        "licenses": {n: t.license for n, t in cfg.teachers.items()}})
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def pair_metrics(g: np.ndarray, gv: np.ndarray, loc: np.ndarray, lv: np.ndarray, boxes, s: ScoreCfg) -> dict:
+    """Metrics of one teacher on one sample (g: G×G disparity, loc: K×L×L disparity)."""
+    valid = gv & np.isfinite(g)
+    vf = float((valid.sum() + (lv & np.isfinite(loc)).sum()) / (valid.size + lv.size))
+    vals = g[valid].astype(np.float64)
+    spread = (np.percentile(vals, 98) - np.percentile(vals, 2)) if vals.size > 1 else 0.0
+    scale = max(abs(float(np.median(vals))) if vals.size else 0.0, 1e-12)
+    collapsed = vals.size < 2 or not np.isfinite(spread) or spread / scale < s.collapse_rel_std
+    lg = []
+    for k, box in enumerate(boxes):
+        cut = cut_box(np.where(valid, g, np.nan), box, loc.shape[-1])
+        m = lv[k] & np.isfinite(loc[k]) & np.isfinite(cut)
+        lg.append(aligned_absrel(loc[k], cut, m) if m.sum() > 1 else np.nan)
+    lg_val = float(np.nanmean(lg)) if np.isfinite(lg).any() else float("nan")
+    p2, p50, p98 = (np.percentile(vals, [2, 50, 98]) if vals.size else (np.nan,) * 3)
+    return {"lg_consistency": lg_val, "valid_fraction": vf, "collapsed": bool(collapsed),
+            "disp_p2": float(p2), "disp_median": float(p50), "disp_p98": float(p98)}
+
+
+def score_shard(shard: int, root: Root, cfg: DadConfig, fp: str) -> dict:
+    """All metrics of one corpus shard, for every teacher; writes a part and its marker."""
+    table = manifest(root, ["sample_id", "row", "shard", "boxes"]).to_pylist()
+    samples = [r for r in table if r["shard"] == shard]
+    rows = [r["row"] for r in samples]
+    names = list(cfg.teachers)
+    data = {}
+    for n in names:
+        group = open_cache(root, n)
+        arr = read_rows(group, rows)
+        space = group.attrs["output_space"]
+        data[n] = (as_disparity(arr["global"], space), arr["global_valid"],
+                   as_disparity(arr["local"], space), arr["local_valid"])
+    out = []
+    for i, smp in enumerate(samples):
+        per = {n: pair_metrics(data[n][0][i], data[n][1][i], data[n][2][i], data[n][3][i], smp["boxes"], cfg.score)
+               for n in names}
+        for n in names:
+            others = [aligned_absrel(data[n][0][i], data[o][0][i], data[n][1][i] & data[o][1][i])
+                      for o in names if o != n and not per[o]["collapsed"]]
+            others = [v for v in others if np.isfinite(v)]
+            out.append({"sample_id": smp["sample_id"], "row": smp["row"], "shard": shard, "teacher": n,
+                        "agreement": float(np.median(others)) if others else None, **per[n]})
+    root.write_table(pa.Table.from_pylist(out, schema=SCORE_SCHEMA), "scores", "parts", f"{shard_name(shard)}.parquet")
+    Ledger(root).mark(STAGE, "metrics", shard_name(shard), fp, {"rows": len(out)})
+    return {"rows": len(out)}
+
+
+SCORE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("teacher", pa.string()),
+    ("agreement", pa.float64()), ("lg_consistency", pa.float64()), ("valid_fraction", pa.float64()),
+    ("collapsed", pa.bool_()), ("disp_p2", pa.float64()), ("disp_median", pa.float64()), ("disp_p98", pa.float64()),
+])
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+def quality(row: dict, metric: str) -> float:
+    """The score a policy ranks by (lower is better)."""
+    lg, ag = row["lg_consistency"], row["agreement"]
+    if metric == "lg_consistency" or (metric == "combined" and (ag is None or not np.isfinite(ag))):
+        return lg
+    if metric == "agreement":
+        return ag if ag is not None else lg
+    return 0.5 * (lg + ag)
+
+
+def usable(row: dict, s: ScoreCfg) -> bool:
+    q = row["lg_consistency"]
+    return not row["collapsed"] and row["valid_fraction"] >= s.min_valid_fraction and q is not None and np.isfinite(q)
+
+
+def probabilities(rows: list[dict], priors: dict[str, float], excluded: set[str], s: ScoreCfg) -> dict[str, float] | None:
+    """One sample's rows (one per teacher) → {teacher: probability}, or None if the sample is dropped."""
+    ok = {r["teacher"]: quality(r, s.metric) for r in rows
+          if usable(r, s) and r["teacher"] not in excluded and priors[r["teacher"]] > 0}
+    if not ok:
+        return None
+    policy = s.filter_base if s.policy == "filter" else s.policy
+    if s.policy == "filter" and min(ok.values()) > s.filter_threshold:
+        return None
+    names = [r["teacher"] for r in rows]
+    if policy == "best":
+        best = min(ok, key=lambda n: (ok[n], n))
+        return {n: float(n == best) for n in names}
+    w = {n: priors[n] for n in ok}
+    if policy in ("weighted", "mix"):
+        qmin = min(ok.values())
+        w = {n: priors[n] * np.exp(-(ok[n] - qmin) / s.temperature) for n in ok}
+    total = sum(w.values())
+    return {n: float(w.get(n, 0.0) / total) for n in names}
+
+
+def select(cfg: DadConfig, scores: pa.Table) -> tuple[pa.Table, dict]:
+    s = cfg.score
+    priors = {n: t.prior for n, t in cfg.teachers.items()}
+    excluded = {n for n, t in cfg.teachers.items() if t.license in set(s.exclude_licenses)}
+    by_sample: dict[str, list[dict]] = {}
+    for r in scores.to_pylist():
+        by_sample.setdefault(r["sample_id"], []).append(r)
+    out, dropped = [], 0
+    for sid in sorted(by_sample, key=lambda k: by_sample[k][0]["row"]):
+        rows = by_sample[sid]
+        probs = probabilities(rows, priors, excluded, s)
+        if probs is None:
+            dropped += 1
+            continue
+        out.append({"sample_id": sid, "row": rows[0]["row"], "shard": rows[0]["shard"],
+                    **{f"p_{n}": probs.get(n, 0.0) for n in cfg.teachers}})
+    fields = [("sample_id", pa.string()), ("row", pa.int64()), ("shard", pa.int32())]
+    fields += [(f"p_{n}", pa.float64()) for n in cfg.teachers]
+    table = pa.Table.from_pylist(out, schema=pa.schema(fields))
+    share = {n: float(np.mean(table.column(f"p_{n}").to_numpy())) if table.num_rows else 0.0 for n in cfg.teachers}
+    summary = {"policy": s.policy, "kept": table.num_rows, "dropped": dropped, "share": share,
+               "excluded_by_license": sorted(excluded)}
+    return table.replace_schema_metadata({"policy": s.policy, "mix": str(s.policy == "mix")}), summary
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) -> dict:
+    t0 = time.time()
+    root = Root(cfg.run.root)
+    ledger = Ledger(root)
+    if not cfg.teachers:
+        raise ValueError("no teachers configured: add a [teachers.<name>] section")
+    check_recorded(root, cfg, STAGE)
+    tfps = teacher_fps(cfg)
+    shards = sorted(set(manifest(root, ["shard"]).column("shard").to_pylist()))
+    for n, tfp in tfps.items():
+        missing = [s for s in shards if shard_name(s) not in ledger.done("teach", n, tfp)]
+        if missing:
+            raise FileNotFoundError(f"teacher {n!r} has no current targets for {len(missing)} shard(s): "
+                                    f"run `dad teach --teacher {n}`")
+    mfp = metrics_fingerprint(cfg, tfps)
+    with stage_lock(root, STAGE, break_lock=break_lock, command="dad score"):
+        done = ledger.done(STAGE, "metrics", mfp)
+        todo = [s for s in shards if shard_name(s) not in done]
+        if todo:
+            ex = executor_for(cfg.run, root.process_local, address)
+            for _ in ex.map(partial(score_shard, root=root, cfg=cfg, fp=mfp), todo, description="score"):
+                pass
+        if todo or not ledger.is_done(STAGE, "_", "scores", mfp):
+            parts = [root.read_table("scores", "parts", f"{shard_name(s)}.parquet") for s in shards]
+            root.write_table(pa.concat_tables(parts), "scores", "scores.parquet")
+            ledger.mark(STAGE, "_", "scores", mfp)
+        scores = root.read_table("scores", "scores.parquet")
+        sfp = selection_fingerprint(cfg, mfp)
+        table, sel = select(cfg, scores)
+        root.write_table(table, "scores", "selection.parquet")
+        root.write_json(sel, "scores", "selection_summary.json")
+        ledger.mark(STAGE, "_", "selection", sfp, sel)
+        try:
+            from pipeline.plots import score_plots
+
+            score_plots(root, scores, sel)
+        except Exception as err:  # noqa: BLE001 - plots are for people; never fail the stage for them
+            log.warning("score plots skipped: %s", err)
+    if sel["excluded_by_license"]:
+        log.info("licence filter: %s get probability 0 (score.exclude_licenses)", ", ".join(sel["excluded_by_license"]))
+    return {"stage": STAGE, "shards": len(shards), "scored": len(todo), "policy": sel["policy"], "kept": sel["kept"],
+            "dropped": sel["dropped"], **{f"share_{k}": round(v, 3) for k, v in sel["share"].items()},
+            "seconds": round(time.time() - t0, 2)}
+
+
+def status(cfg: DadConfig, root: Root) -> list[dict]:
+    ledger = Ledger(root)
+    try:
+        total = len(set(manifest(root, ["shard"]).column("shard").to_pylist()))
+        mfp = metrics_fingerprint(cfg, teacher_fps(cfg))
+    except (FileNotFoundError, ValueError):
+        return []
+    markers = ledger.markers(STAGE, "metrics")
+    done = sum(mfp in fps for fps in markers.values())
+    stale = sum(mfp not in fps for fps in markers.values())
+    sel = ledger.is_done(STAGE, "_", "selection", selection_fingerprint(cfg, mfp))
+    note = ("selection current" if sel else "selection missing or policy changed") if done == total else ""
+    return [{"stage": STAGE, "scope": "metrics", "done": done, "total": total, "stale": stale, "note": note}]
