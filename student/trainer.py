@@ -1,0 +1,105 @@
+"""The training step and loop of cross-context distillation on cached targets (PAPER §3.6).
+
+Per step: the student predicts the G×G global input once; `L_sc` compares it with the chosen
+teacher's global target, `L_lg` cuts it at the K stored boxes and compares with the teacher's local
+predictions, `L_grad` matches gradients of the normalised residual, and `L_feat` (optional) keeps
+the encoder's tokens near a frozen copy of the initial encoder. AdamW with separate encoder and
+decoder learning rates (paper: 5e-6 / 5e-5), linear warm-up then poly(0.9) decay, gradient
+clipping, bf16 autocast on GPU.
+
+This module is pure torch: it knows nothing of Ray. `stages/train.py` gives it a rank, a world
+size, a model wrapper (DDP) and a place to write checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from student.losses import feature_loss, gradient_loss, local_global_loss, shared_context_loss
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    norm: str = "hybrid"
+    use_sc: bool = True
+    use_lg: bool = True
+    lambda_lg: float = 0.5
+    lambda_feat: float = 1.0
+    lambda_grad: float = 2.0
+    feature_loss: bool = False
+
+
+def make_optimizer(model: torch.nn.Module, lr_encoder: float, lr_decoder: float, weight_decay: float):
+    enc = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    dec = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    return torch.optim.AdamW([{"params": enc, "lr": lr_encoder, "name": "encoder"},
+                              {"params": dec, "lr": lr_decoder, "name": "decoder"}], weight_decay=weight_decay)
+
+
+def make_scheduler(opt, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
+    enc = copy.deepcopy(model.encoder).eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
+def losses(pred: torch.Tensor, batch: dict, cfg: StepConfig, feats=None, frozen_feats=None) -> dict:
+    """Eq. 9 on cached targets; returns every term and 'total'."""
+    terms: dict[str, torch.Tensor] = {}
+    total = pred.new_zeros(())
+    if cfg.use_sc:
+        terms["sc"] = shared_context_loss(pred, batch["target"], batch["valid"], cfg.norm)
+        total = total + terms["sc"]
+    if cfg.use_lg:
+        terms["lg"] = local_global_loss(pred, batch["locals"], batch["boxes"], batch["local_valid"], cfg.norm)
+        total = total + cfg.lambda_lg * terms["lg"]
+    if cfg.lambda_grad:
+        grad_norm = "global" if cfg.norm == "none" else cfg.norm
+        terms["grad"] = gradient_loss(pred, batch["target"], batch["valid"], grad_norm)
+        total = total + cfg.lambda_grad * terms["grad"]
+    if cfg.feature_loss and feats is not None and frozen_feats is not None:
+        terms["feat"] = feature_loss(feats, frozen_feats)
+        total = total + cfg.lambda_feat * terms["feat"]
+    terms["total"] = total
+    return terms
+
+
+def train_step(model, batch: dict, opt, sched, cfg: StepConfig, grad_clip: float, frozen=None,
+               device: torch.device = torch.device("cpu"), amp: bool = False) -> dict[str, float]:
+    model.train()
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        if cfg.feature_loss and frozen is not None:
+            pred, feats = model(batch["image"], return_features=True)
+            with torch.no_grad():
+                core = model.module if hasattr(model, "module") else model
+                x = (batch["image"] - core.mean) / core.std
+                frozen_feats = frozen.forward_intermediates(
+                    core._fit(x), indices=[core.config.layers[-1]], norm=True, output_fmt="NCHW",
+                    intermediates_only=True)[-1].flatten(2).transpose(1, 2)
+        else:
+            pred, feats, frozen_feats = model(batch["image"]), None, None
+    terms = losses(pred.float(), batch, cfg, feats, frozen_feats)
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        valid = pred.detach()[batch["valid"]]
+        stats = {"pred_median": float(valid.median()) if valid.numel() else math.nan,
+                 "pred_spread": float((valid - valid.median()).abs().mean()) if valid.numel() else math.nan}
+    return {**{f"loss_{k}": float(v.detach()) for k, v in terms.items()}, "grad_norm": float(gnorm),
+            **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups}, **stats}
