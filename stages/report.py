@@ -1,0 +1,214 @@
+"""Report stage: `report/index.html` — what a person looks at after a run.
+
+Static HTML with PNGs next to it, readable offline: what each stage did (counts, rejects, time,
+from the ledger), teacher vs student metrics per dataset with the constant / vertical-ramp
+baselines, pictures (input, each teacher's target, the student, ground truth, error), loss curves,
+score histograms and selection shares. Everything is read from the run root; nothing is recomputed
+except the student's predictions on a few corpus samples for the picture grid.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import time
+
+import numpy as np
+
+from pipeline.cache import as_disparity, open_cache, read_rows
+from pipeline.config import DadConfig
+from pipeline.corpus import iter_shard, manifest
+from pipeline.images import resize
+from pipeline.ledger import Ledger
+from pipeline.plots import colorize, line_plot, png_bytes
+from pipeline.storage import Root
+
+log = logging.getLogger("dad.report")
+STAGE = "report"
+
+NOTE_ZOO = (
+    "The embedded default's teachers are <b>small models trained on rendered scenes</b> (the offline zoo in "
+    "<code>zoo/</code>), not Depth Anything: public weights cannot be downloaded on every machine. To distil from "
+    "real teachers, run <code>configs/paper.toml</code> (Depth Anything v2 Large + a GenPercept-style assistant at "
+    "0.7/0.3, 560 px, hybrid normalization, the paper's loss weights) on a machine that can reach the model hub.")
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{background:#fff8e1;padding:.8em;border-left:4px solid #f0b400}
+img{max-width:100%}.muted{color:#777}.best{font-weight:bold;background:#e8f5e9}"""
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(header: list[str], rows: list[list], best_col: dict[int, str] | None = None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    best = {}
+    for c, how in (best_col or {}).items():
+        vals = [r[c] for r in rows if isinstance(r[c], (int, float)) and np.isfinite(r[c])]
+        if vals:
+            best[c] = min(vals) if how == "min" else max(vals)
+    for r in rows:
+        cells = []
+        for c, v in enumerate(r):
+            cls = ' class="best"' if c in best and v == best[c] else ""
+            txt = f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+            cells.append(f"<td{cls}>{txt}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def stage_section(root: Root) -> str:
+    ledger = Ledger(root)
+    rows = []
+    for stage in ("shard", "teach", "score", "train"):
+        for scope in ledger.scopes(stage):
+            markers = ledger.markers(stage, scope)
+            infos = []
+            for cell, fps in markers.items():
+                for fp in fps:
+                    try:
+                        infos.append((cell, ledger.info(stage, scope, cell, fp)))
+                    except FileNotFoundError:
+                        pass
+            final = [i for c, i in infos if c in ("final", "selection")]
+            secs = sum(float(i.get("seconds", 0) or 0) for c, i in infos if c not in ("final", "listing", "run"))
+            detail = ""
+            if final:
+                f = final[-1]
+                detail = ", ".join(f"{k}={v}" for k, v in f.items()
+                                   if k in ("samples", "rejects", "shards", "kept", "dropped", "steps", "policy"))
+            rows.append([stage, scope, len(markers), round(secs, 1), detail])
+    rejects = ""
+    if root.exists("corpus", "rejects.parquet"):
+        rj = root.read_table("corpus", "rejects.parquet").to_pylist()
+        if rj:
+            rejects = "<h3>Rejected inputs</h3>" + _table(["source", "reason"], [[r["source_uri"], r["reason"]] for r in rj[:30]])
+            if len(rj) > 30:
+                rejects += f"<p class=muted>… and {len(rj) - 30} more in corpus/rejects.parquet</p>"
+    return "<h2>Stages</h2>" + _table(["stage", "scope", "cells", "task seconds", "summary"], rows) + rejects
+
+
+def eval_section(root: Root) -> str:
+    runs = root.listdir("eval")
+    if not runs:
+        return "<h2>Evaluation</h2><p class=muted>No evaluation yet: run <code>dad eval</code>.</p>"
+    by_dataset: dict[str, list[list]] = {}
+    pics = []
+    for name in runs:
+        if not root.exists("eval", name, "metrics.json"):
+            continue
+        metrics = root.read_json("eval", name, "metrics.json")
+        for ds, m in metrics.get("datasets", metrics).items():
+            if not isinstance(m, dict) or "abs_rel" not in m:
+                continue
+            rows = by_dataset.setdefault(ds, [])
+            rows.append([name, m.get("n", ""), m["abs_rel"], m["delta1"], m.get("rmse", float("nan"))])
+            for base, bm in (m.get("baselines") or {}).items():
+                if not any(r[0] == f"baseline: {base}" for r in rows):
+                    rows.append([f"baseline: {base}", bm.get("n", m.get("n", "")), bm["abs_rel"], bm["delta1"],
+                                 bm.get("rmse", float("nan"))])
+        for pic in root.listdir("eval", name, "pictures")[:3]:
+            pics.append((name, pic, root.read_bytes("eval", name, "pictures", pic)))
+    parts = ["<h2>Evaluation: teachers vs student</h2>",
+             "<p>Per-image least-squares scale and shift, then AbsRel (lower is better) and δ1 (higher is better), "
+             "averaged per image (per family, then across families where the dataset has families). The constant and "
+             "vertical-ramp baselines show what a prediction with no understanding scores.</p>"]
+    for ds, rows in by_dataset.items():
+        parts.append(f"<h3>{html.escape(ds)}</h3>")
+        parts.append(_table(["model", "n", "AbsRel", "δ1", "RMSE"], rows, {2: "min", 3: "max"}))
+    for name, pic, data in pics:
+        parts.append(f"<p><b>{html.escape(name)}</b> — {html.escape(pic)} (RGB | ground truth | prediction | error)</p>"
+                     + _img(data, pic))
+    return "\n".join(parts)
+
+
+def train_section(root: Root) -> str:
+    parts = ["<h2>Training</h2>"]
+    for name in root.listdir("train"):
+        if not root.exists("train", name, "metrics.jsonl"):
+            continue
+        hist = [json.loads(x) for x in root.read_bytes("train", name, "metrics.jsonl").decode().splitlines() if x]
+        steps = [h["step"] for h in hist]
+        losses = {k.removeprefix("loss_"): (steps, [h[k] for h in hist]) for k in hist[0] if k.startswith("loss_")}
+        parts.append(f"<h3>{html.escape(name)}</h3>")
+        parts.append(_img(line_plot(losses, f"losses — {name}", "loss", log_y=True), "losses"))
+        spread = {"median": (steps, [h["pred_median"] for h in hist]), "spread": (steps, [h["pred_spread"] for h in hist])}
+        parts.append(_img(line_plot(spread, "student output range (scale drift watch)", "disparity"), "range"))
+    return "\n".join(parts) if len(parts) > 1 else ""
+
+
+def score_section(root: Root) -> str:
+    parts = ["<h2>Teacher scores and selection</h2>"]
+    if root.exists("scores", "selection_summary.json"):
+        s = root.read_json("scores", "selection_summary.json")
+        parts.append(f"<p>Policy <b>{html.escape(s['policy'])}</b>: {s['kept']} samples kept, {s['dropped']} dropped"
+                     + (f"; excluded by licence: {', '.join(s['excluded_by_license'])}" if s["excluded_by_license"] else "")
+                     + ".</p>")
+    for png in ("metrics_hist.png", "selection_share.png"):
+        if root.exists("scores", "plots", png):
+            parts.append(_img(root.read_bytes("scores", "plots", png), png))
+    return "\n".join(parts) if len(parts) > 1 else ""
+
+
+def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
+    """Corpus samples: input | each teacher's global target | the student's prediction."""
+    try:
+        rows = manifest(root, ["row", "shard"]).to_pylist()[:n]
+    except FileNotFoundError:
+        return ""
+    if not rows:
+        return ""
+    student = None
+    ckpt = root.uri("train", cfg.train.name, "model.pt")
+    if root.exists("train", cfg.train.name, "model.pt"):
+        from student.checkpoint import load_checkpoint  # report is a stage: it may use the student
+
+        student, _ = load_checkpoint(ckpt)
+        student.eval()
+    import matplotlib.pyplot as plt
+    import torch
+
+    teachers = [t for t in cfg.teachers if root.exists("cache", t, "zarr.json")]
+    cols = 1 + len(teachers) + (student is not None)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.6 * len(rows)), squeeze=False)
+    g = cfg.crops.global_size
+    wanted = {r["row"] for r in rows}
+    images = {}
+    for shard in sorted({r["shard"] for r in rows}):
+        for rec, region in iter_shard(root, shard):
+            if rec["row"] in wanted:
+                images[rec["row"]] = resize(region, (g, g))
+    for i, r in enumerate(rows):
+        axes[i][0].imshow(images[r["row"]])
+        axes[i][0].set_title("input" if i == 0 else "")
+        for j, t in enumerate(teachers, start=1):
+            grp = open_cache(root, t)
+            disp = as_disparity(read_rows(grp, [r["row"]])["global"][0], grp.attrs["output_space"])
+            axes[i][j].imshow(colorize(disp))
+            axes[i][j].set_title(f"teacher {t}" if i == 0 else "")
+        if student is not None:
+            with torch.no_grad():
+                x = torch.from_numpy(images[r["row"]]).permute(2, 0, 1)[None].float() / 255
+                axes[i][-1].imshow(colorize(student(x)[0].numpy()))
+            axes[i][-1].set_title("student" if i == 0 else "")
+    for ax in axes.flat:
+        ax.axis("off")
+    return "<h2>Corpus samples: teachers and student</h2>" + _img(png_bytes(fig), "samples")
+
+
+def run(cfg: DadConfig, **_: object) -> dict:
+    t0 = time.time()
+    root = Root(cfg.run.root)
+    body = [f"<h1>dad run report</h1><p class=muted>{html.escape(cfg.run.root)} — {time.strftime('%Y-%m-%d %H:%M')}</p>",
+            f'<p class="note">{NOTE_ZOO}</p>' if any(t.adapter == "checkpoint" for t in cfg.teachers.values()) else "",
+            stage_section(root), eval_section(root), picture_grid(root, cfg), train_section(root), score_section(root)]
+    for extra in root.listdir("report", "pages"):
+        body.append(root.read_bytes("report", "pages", extra).decode())
+    page = f"<!doctype html><meta charset=utf-8><title>dad report</title><style>{CSS}</style>" + "\n".join(body)
+    root.write_bytes(page.encode(), "report", "index.html")
+    return {"stage": STAGE, "path": root.uri("report", "index.html"), "seconds": round(time.time() - t0, 2)}
