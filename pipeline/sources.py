@@ -25,7 +25,7 @@ FILES_PER_UNIT = 64
 
 @dataclass
 class Unit:
-    kind: str                      # "files" | "tar"
+    kind: str                      # "files" | "tar" | "scenes" | "skimage"
     uris: list[str] = field(default_factory=list)
 
 
@@ -55,7 +55,17 @@ def expand_sources(sources: list[str], extensions: list[str]) -> tuple[list[Unit
         else:
             rejects.append({"source_uri": uri, "reason": f"not an image extension ({ext or 'none'})"})
 
+    generated: list[Unit] = []
     for src in sources:
+        if src.startswith("scenes:"):
+            uris = generated_mod().scene_uris(src.removeprefix("scenes:"))
+            generated += [Unit("scenes", uris[i:i + FILES_PER_UNIT]) for i in range(0, len(uris), FILES_PER_UNIT)]
+            continue
+        if src.startswith("skimage:"):
+            if src != "skimage:photos":
+                raise ValueError(f"corpus.sources: {src!r}: the only scikit-image source is 'skimage:photos'")
+            generated.append(Unit("skimage", generated_mod().photo_uris()))
+            continue
         ext = _ext(src)
         if ext in (".txt", ".parquet") and not any(c in src for c in GLOB_CHARS):
             for uri in _read_list(src):
@@ -80,7 +90,13 @@ def expand_sources(sources: list[str], extensions: list[str]) -> tuple[list[Unit
     files = sorted(set(files))
     units = [Unit("files", files[i:i + FILES_PER_UNIT]) for i in range(0, len(files), FILES_PER_UNIT)]
     units += [Unit("tar", [t]) for t in sorted(set(tars))]
-    return units, rejects
+    return units + generated, rejects
+
+
+def generated_mod():
+    from pipeline.datasets import generated
+
+    return generated
 
 
 def _read_list(src: str) -> list[str]:
@@ -112,6 +128,15 @@ def member_problem(info: tarfile.TarInfo) -> str | None:
 def read_unit(unit: Unit, extensions: list[str], wanted: set[str] | None = None
               ) -> Iterator[tuple[str, bytes | Rejected]]:
     """Yield (uri, bytes-or-Rejected) for each entry; with `wanted`, only those URIs are read."""
+    if unit.kind == "scenes":
+        uris = [u for u in unit.uris if wanted is None or u in wanted]
+        yield from zip(uris, generated_mod().render_bytes(uris))
+        return
+    if unit.kind == "skimage":
+        for uri in unit.uris:
+            if wanted is None or uri in wanted:
+                yield uri, generated_mod().photo_bytes(uri)
+        return
     if unit.kind == "files":
         for uri in unit.uris:
             if wanted is not None and uri not in wanted:

@@ -108,9 +108,19 @@ def assign(listing: pa.Table, shard_size: int) -> list[ShardJob]:
 # -- step 3: one shard ------------------------------------------------------------------------
 
 def _units_for(items: list[tuple[str, str]]) -> list[Unit]:
-    tars = sorted({uri.split("#", 1)[0] for uri, _ in items if "#" in uri})
-    files = [uri for uri, _ in items if "#" not in uri]
-    return ([Unit("files", files)] if files else []) + [Unit("tar", [t]) for t in tars]
+    """Group a shard's items by how they are read (files, tars, generated sources)."""
+    generated = {"scenes": [], "skimage": []}
+    files, tars = [], set()
+    for uri, _ in items:
+        kind = uri.split(":", 1)[0]
+        if kind in generated:
+            generated[kind].append(uri)
+        elif "#" in uri:
+            tars.add(uri.split("#", 1)[0])
+        else:
+            files.append(uri)
+    units = ([Unit("files", files)] if files else []) + [Unit("tar", [t]) for t in sorted(tars)]
+    return units + [Unit(kind, uris) for kind, uris in generated.items() if uris]
 
 
 def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str) -> dict:

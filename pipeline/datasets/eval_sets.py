@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pipeline.datasets.benchmarks import open_diode, open_eth3d, open_kitti, open_nyu, open_scannet
 from pipeline.datasets.evalbase import EvalDataset
 from pipeline.datasets.folder import open_folder
+from pipeline.datasets.generated import open_scenes
 from pipeline.datasets.realeval import open_realeval
 
 OPENERS: dict[str, Callable[..., EvalDataset]] = {
     "realeval": open_realeval, "nyu": open_nyu, "kitti": open_kitti, "eth3d": open_eth3d,
     "scannet": open_scannet, "diode": open_diode, "folder": open_folder,
+    "scenes": open_scenes,
 }
 
 
