@@ -236,13 +236,14 @@ def report(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
 
 @zoo_app.command("build")
 def zoo_build(out_dir: Annotated[str, typer.Option("--out", help="where to write the zoo")] = "zoo",
-              minutes: Annotated[float, typer.Option(help="training budget per teacher (minutes)")] = 6.0,
-              seed: Annotated[int, typer.Option(help="seed (the build is reproducible)")] = 0):
-    """Train the two small teachers of the embedded default on rendered scenes (seeded)."""
+              seed: Annotated[int, typer.Option(help="seed (the build is reproducible)")] = 0,
+              renders: Annotated[int, typer.Option(help="rendered training views")] = 1600,
+              steps: Annotated[Optional[int], typer.Option(help="training steps per teacher (default: recipe)")] = None):
+    """Train the two small teachers of the embedded default on rendered scenes (seeded, minutes on a CPU)."""
     _setup_logging()
     from stages import zoo
 
-    _summary(zoo.build(out_dir, minutes=minutes, seed=seed))
+    _summary(zoo.build(out_dir, seed=seed, n_renders=renders, steps=steps))
 
 
 PIPELINE = ("shard", "teach", "score", "train", "evaluate", "report")
@@ -260,8 +261,15 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
         except ModuleNotFoundError:
             err.print(f"[yellow]· {stage}: not available in this version — skipped[/]")
             continue
-        kwargs = {"address": address} if stage in ("shard", "teach", "score", "train") else {}
-        _guarded(lambda: _run_stage(stage, cfg, **kwargs))
+        if stage == "evaluate":
+            # Every teacher and the trained student, on every configured dataset.
+            for teacher in cfg.teachers:
+                _guarded(lambda: _run_stage(stage, cfg, teacher=teacher))
+            ckpt = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/model.pt"
+            _guarded(lambda: _run_stage(stage, cfg, checkpoint=ckpt, name=f"student-{cfg.train.name}"))
+        else:
+            kwargs = {"address": address} if stage in ("shard", "teach", "score", "train") else {}
+            _guarded(lambda: _run_stage(stage, cfg, **kwargs))
         ran.append(stage)
         if until and stage == until:
             break

@@ -104,9 +104,19 @@ class TeachWorker:
         g_pred = resample(g_pred.astype(np.float32), crops.global_size)
         l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
         stats = write_shard(self.group, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
-        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), **stats}
+        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), "node": _node_id(), **stats}
         self.ledger.mark(STAGE, self.name, shard_name(shard), self.fp, info)
         return info
+
+
+def _node_id() -> str:
+    """The Ray node that did the work (recorded in the marker: where did each cell run?)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # noqa: BLE001
+        return "local"
 
 
 def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int], inline: bool) -> list[dict]:
