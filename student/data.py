@@ -1,17 +1,22 @@
 """Streaming training data: corpus shards + cached cross-context targets, per rank, deterministic.
 
 Every rank computes the same plan from (seed, epoch): the shard order is a seeded permutation and
-rank r takes shards r, r+W, …; every rank runs the same number of steps per epoch (the smallest
-rank's full batches), so DDP never waits on a rank that ran out of data. A sample's teacher is
-drawn from its row of `scores/selection.parquet` with an RNG seeded by (seed, epoch, row), so a
-resumed run draws exactly what the uninterrupted run would have drawn.
+rank r takes shards r, r+W, …. Every rank runs the same number of steps in an epoch — the smallest
+rank's full batches *of that epoch* (`EpochPlan`), so DDP never waits on a rank that ran out of data,
+whatever the shard sizes. A sample's teacher is drawn from its row of `scores/selection.parquet`
+with an RNG seeded by (seed, epoch, row), so a resumed run draws exactly what the uninterrupted run
+would have drawn, and a global step maps to one (epoch, batch-in-epoch) position (`EpochPlan.locate`).
 
-Only needed bytes are read: the shard's tar is streamed once, and for each teacher only the rows
-it was drawn for are read from its Zarr cache (one inner chunk per sample). A background thread
-prepares batches ahead of the training step (`prefetch`).
+Only needed bytes are read and decoded: the shard's tar is streamed once and kept encoded; a sample
+is decoded when it is about to be yielded (never for rows the selection dropped, nor for the samples
+a resumed run skips); for each teacher only the rows drawn for it are read from its Zarr cache (one
+inner chunk per sample), a batch's worth at a time, so work is spread evenly between steps instead of
+arriving in one burst at each shard boundary. A background thread prepares batches ahead of the
+training step (`prefetch`).
 
 A batch is a dict of tensors: image (B,3,G,G) in [0,1], target (B,G,G) disparity, valid (B,G,G),
-locals (B,K,L,L), local_valid (B,K,L,L), boxes (B,K,4) fractions of the region, teacher (B,) index.
+locals (B,K,L,L), local_valid (B,K,L,L), boxes (B,K,4) fractions of the region, teacher (B,) index,
+row (B,) corpus row.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.corpus import iter_shard
-from pipeline.images import resize
+from pipeline.images import decode_trusted, resize
 from pipeline.storage import Root
 from pipeline.targets import mix_targets
 
@@ -44,24 +49,62 @@ class StreamSpec:
 
 
 def shard_plan(shards: list[int], seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """The shards rank `rank` reads in `epoch`, in reading order (ranks get disjoint sets)."""
     order = np.random.default_rng([seed, epoch, 7919]).permutation(len(shards))
     return [shards[i] for i in order[rank::world]]
 
 
-def steps_per_epoch(counts: dict[int, int], seed: int, world: int, batch_size: int) -> int:
-    """Full batches the smallest rank can make (epoch 0's assignment; shard counts don't change)."""
+def steps_per_epoch(counts: dict[int, int], seed: int, world: int, batch_size: int, epoch: int = 0) -> int:
+    """Full batches the smallest rank can make in `epoch` (shard → sample count in `counts`)."""
     shards = sorted(counts)
-    per_rank = [sum(counts[s] for s in shard_plan(shards, seed, 0, r, world)) for r in range(world)]
+    per_rank = [sum(counts[s] for s in shard_plan(shards, seed, epoch, r, world)) for r in range(world)]
     return min(per_rank) // batch_size
 
 
+class EpochPlan:
+    """Steps per epoch (they vary with the epoch's shard assignment) and step → (epoch, skip)."""
+
+    MAX_EMPTY_EPOCHS = 64
+
+    def __init__(self, counts: dict[int, int], seed: int, world: int, batch_size: int):
+        self.counts, self.seed, self.world, self.batch_size = dict(counts), seed, world, batch_size
+        if len(self.counts) < world:
+            raise ValueError(f"{len(self.counts)} corpus shard(s) hold selected samples but train.workers = {world}: "
+                             f"every worker reads whole shards, so use at most {len(self.counts)} workers "
+                             f"(or re-shard with a smaller corpus.shard_size)")
+        self._steps: list[int] = []
+        self._empty = 0
+
+    def steps(self, epoch: int) -> int:
+        while len(self._steps) <= epoch:
+            n = steps_per_epoch(self.counts, self.seed, self.world, self.batch_size, len(self._steps))
+            self._empty = 0 if n else self._empty + 1
+            if self._empty >= self.MAX_EMPTY_EPOCHS:
+                total = sum(self.counts.values())
+                raise ValueError(
+                    f"too few samples per worker: the selection keeps {total} samples in {len(self.counts)} "
+                    f"shard(s); with {self.world} worker(s) the smallest worker's shards do not fill one batch "
+                    f"of train.batch_size = {self.batch_size}. Lower train.batch_size or train.workers")
+            self._steps.append(n)
+        return self._steps[epoch]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """The global step `step` (0-based, = steps already done) as (epoch, batches done in that epoch)."""
+        epoch = 0
+        while step >= self.steps(epoch):
+            step -= self.steps(epoch)
+            epoch += 1
+        return epoch, step
+
+
 def draw_teacher(probs: np.ndarray, seed: int, epoch: int, row: int) -> int:
+    """The teacher index used for `row` in `epoch`, drawn with probabilities `probs` (need not sum to 1)."""
     u = np.random.default_rng([seed, epoch, int(row), 31]).random()
     return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))
 
 
 class TargetStream:
-    """Iterates batches for one rank and one epoch, starting after `skip_batches` (resume)."""
+    """Iterates samples and batches of one rank and one epoch (optionally skipping a prefix: resume)."""
 
     def __init__(self, spec: StreamSpec, selection: dict[int, np.ndarray], shard_rows: dict[int, list[int]]):
         self.spec = spec
@@ -70,21 +113,40 @@ class TargetStream:
         self.groups = {t: open_cache(spec.root, t) for t in spec.teachers}
         self.spaces = {t: g.attrs["output_space"] for t, g in self.groups.items()}
 
-    def samples(self, epoch: int, rank: int, world: int) -> Iterator[dict]:
+    def shards(self, epoch: int, rank: int, world: int) -> list[int]:
+        """The shards this rank reads in `epoch`, in reading order."""
+        return shard_plan(sorted(self.shard_rows), self.spec.seed, epoch, rank, world)
+
+    def order(self, shard: int, epoch: int) -> list[int]:
+        """The rows of `shard` in the order they are yielded in `epoch`."""
+        rows = self.shard_rows[shard]
+        perm = np.random.default_rng([self.spec.seed, epoch, shard, 17]).permutation(len(rows))
+        return [rows[i] for i in perm]
+
+    def samples(self, epoch: int, rank: int, world: int, skip: int = 0) -> Iterator[dict]:
+        """This rank's samples of `epoch`, after skipping the first `skip` (neither read nor decoded)."""
         s = self.spec
-        for shard in shard_plan(sorted(self.shard_rows), s.seed, epoch, rank, world):
-            keep = set(self.shard_rows[shard])
-            rows = [r for r in self.shard_rows[shard]]
-            order = np.random.default_rng([s.seed, epoch, shard, 17]).permutation(len(rows))
-            wanted = {rows[i]: k for k, i in enumerate(order)}
-            chosen = {r: draw_teacher(self.selection[r], s.seed, epoch, r) for r in rows}
-            targets = self._targets(rows, chosen)
-            buffer = []
-            for record, region in iter_shard(s.root, shard):
-                if record["row"] in keep:
-                    buffer.append((wanted[record["row"]], record, region))
-            for _, record, region in sorted(buffer, key=lambda x: x[0]):
-                yield self._sample(record, region, targets[record["row"]], chosen[record["row"]], epoch)
+        chunk = max(1, s.batch_size)
+        for shard in self.shards(epoch, rank, world):
+            ordered = self.order(shard, epoch)
+            if skip >= len(ordered):
+                skip -= len(ordered)
+                continue
+            ordered, skip = ordered[skip:], 0
+            wanted = set(ordered)
+            chosen = {r: draw_teacher(self.selection[r], s.seed, epoch, r) for r in ordered}
+            encoded = {rec["row"]: (rec, data) for rec, data in iter_shard(s.root, shard, decode=False)
+                       if rec["row"] in wanted}
+            missing = wanted - set(encoded)
+            if missing:
+                raise ValueError(f"corpus shard {shard} lacks rows {sorted(missing)[:5]} that the selection "
+                                 f"keeps: the corpus changed after `dad score`; rerun `dad score`")
+            for i in range(0, len(ordered), chunk):
+                part = ordered[i:i + chunk]
+                targets = self._targets(part, chosen)
+                for r in part:
+                    record, data = encoded.pop(r)
+                    yield self._sample(record, decode_trusted(data), targets[r], chosen[r], epoch)
 
     def _targets(self, rows: list[int], chosen: dict[int, int]) -> dict[int, dict]:
         out: dict[int, dict] = {}
@@ -137,34 +199,61 @@ class TargetStream:
 
     def batches(self, epoch: int, rank: int, world: int, n_steps: int, skip: int = 0) -> Iterator[dict]:
         """Exactly n_steps − skip batches of this rank's epoch (after skipping `skip` batches)."""
-        it = self.samples(epoch, rank, world)
-        for _ in range(skip * self.spec.batch_size):
-            next(it)
-        for _ in range(n_steps - skip):
-            items = [next(it) for _ in range(self.spec.batch_size)]
-            yield {k: torch.stack([x[k] for x in items]) for k in items[0]}
+        it = self.samples(epoch, rank, world, skip * self.spec.batch_size)
+        for step in range(skip, n_steps):
+            items = []
+            for _ in range(self.spec.batch_size):
+                item = next(it, None)
+                if item is None:
+                    raise RuntimeError(f"rank {rank} ran out of samples at batch {step} of epoch {epoch} "
+                                       f"(planned {n_steps}): the epoch plan and the shards disagree")
+                items.append(item)
+            yield collate(items)
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([x[k] for x in items]) for k in items[0]}
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a background thread, `depth` items ahead (reading overlaps compute)."""
+    """Run an iterator in a background thread, `depth` items ahead (reading overlaps compute).
+
+    Errors in the producer are re-raised in the consumer; closing the consumer early (an exception
+    in the training step, `break`) stops the producer instead of leaving it blocked forever.
+    """
     if depth <= 0:
         yield from it
         return
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()
     err: list[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in it:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             err.append(e)
         finally:
-            q.put(done)
+            put(done)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        yield item
-    if err:
-        raise err[0]
+    thread = threading.Thread(target=work, daemon=True, name="dad-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+        if err:
+            raise err[0]
+    finally:
+        stop.set()

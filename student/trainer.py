@@ -33,6 +33,30 @@ class StepConfig:
     feature_loss: bool = False
 
 
+def freeze_unused(model: torch.nn.Module) -> list[str]:
+    """Freeze the parameters no forward pass uses; returns their names.
+
+    The DPT head's coarsest fusion block never receives a skip input, so its `res1` unit exists (the
+    checkpoint layout of Depth Anything v2 has it) but is never called. DDP fails at the second step
+    on parameters that get no gradient unless `find_unused_parameters=True`, which costs an autograd
+    graph traversal every step; freezing them costs nothing and changes no result (AdamW skips
+    parameters without a gradient). Found by one probe forward/backward, so it holds for any student.
+    """
+    core = model.module if hasattr(model, "module") else model
+    was_training = core.training
+    side = 2 * core.patch
+    probe = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(next(core.parameters()).device)
+    pred, feats = core(probe, return_features=True)
+    (pred.sum() + feats.sum()).backward()
+    unused = [n for n, p in core.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in core.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    core.train(was_training)
+    return unused
+
+
 def make_optimizer(model: torch.nn.Module, lr_encoder: float, lr_decoder: float, weight_decay: float):
     enc = [p for n, p in model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
     dec = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]

@@ -66,6 +66,7 @@ class Scene:
     footprints: list[tuple[float, float, float, float]] = field(default_factory=list)  # x, y, base z, radius
     sky: bool = False
     haze_m: float = np.inf
+    lamp: np.ndarray | None = None  # indoor point light (world position); None = sunlight
     n_groups: int = 0
 
     def add(self, parts: list[Part], group: int | None = None) -> int:
@@ -181,14 +182,25 @@ def _room_shell(scene: Scene, rng, w: float, d: float, h: float) -> Support:
     return Support(np.zeros(2), np.array([w / 2, d / 2]), 0.0, 0.0, (0.08, 0.45))
 
 
-def _room_cameras(rng, w, d, n, height=(0.5, 2.0)) -> list[Camera]:
+def _free_distance(eye: np.ndarray, direction: np.ndarray, half: np.ndarray, height: float) -> float:
+    """Distance from a point inside the room box to the first wall, floor or ceiling along a direction."""
+    lo, hi = np.array([-half[0], -half[1], 0.0]), np.array([half[0], half[1], height])
+    with np.errstate(divide="ignore"):
+        t = np.where(direction > 0, (hi - eye) / direction, np.where(direction < 0, (lo - eye) / direction, np.inf))
+    return float(t.min())
+
+
+def _room_cameras(rng, w, d, h, n, height=(0.5, 2.0)) -> list[Camera]:
+    """Cameras inside the room that see at least 1.5 m before hitting a wall (no blank-wall views)."""
     cams = []
-    for _ in range(n):
+    while len(cams) < n:
         eye = np.array([rng.uniform(-1, 1) * (w / 2 - 0.4), rng.uniform(-1, 1) * (d / 2 - 0.4), rng.uniform(*height)])
         target = rng.uniform(-0.5, 0.5, 2) * [w, d]
         yaw = np.degrees(np.arctan2(*(target - eye[:2])[::-1])) + rng.normal(0, 20)
         pitch = rng.uniform(-80, 30) if rng.random() < 0.3 else rng.uniform(-45, 10)
-        cams.append(look(eye, yaw, pitch, _roll(rng), rng.uniform(50, 80), 0.05, 20.0))
+        cam = look(eye, yaw, pitch, _roll(rng), rng.uniform(50, 80), 0.05, 20.0)
+        if _free_distance(eye, cam.R[:, 2], np.array([w, d]) / 2, h) > 1.5:
+            cams.append(cam)
     return cams
 
 
@@ -223,14 +235,30 @@ def _near_occluders(scene: Scene, rng, p: float, dist: tuple[float, float], top:
         scene.add([part(rng, shape, size, [xy[0], xy[1], top / 2], scale=0.3, rot=rot_z(rng.uniform(0, 6)))])
 
 
+def _hang_lamp(scene: Scene, rng, xy: np.ndarray, ceiling: float) -> None:
+    """A lamp hanging from the ceiling (cord + shade); the point light sits just under the shade.
+
+    Skipped (light only) where the shade would come near a camera.
+    """
+    drop = float(rng.uniform(0.3, 0.9))
+    r, hgt = float(rng.uniform(0.12, 0.3)), float(rng.uniform(0.12, 0.3))
+    rim = ceiling - drop - hgt
+    scene.lamp = np.array([xy[0], xy[1], rim - 0.03])
+    if all(np.linalg.norm(cam.eye - [xy[0], xy[1], rim + hgt / 2]) > r + 0.4 for cam in scene.cameras):
+        shade = material(rng, "object", 0.3)
+        scene.add([part(rng, "cylinder", (0.006, drop), [xy[0], xy[1], ceiling - drop / 2], mat=shade),
+                   part(rng, "cone", (r, hgt), [xy[0], xy[1], rim + hgt / 2], mat=shade)])
+
+
 def room(scene: Scene, rng) -> None:
     w, d, h = rng.uniform(3, 8), rng.uniform(3, 8), rng.uniform(2.4, 3.2)
     floor = _room_shell(scene, rng, w, d, h)
     scene.supports.append(floor)
-    scene.cameras = _room_cameras(rng, w, d, VIEWS_PER_SCENE)
+    scene.cameras = _room_cameras(rng, w, d, h, VIEWS_PER_SCENE)
     _furnish(scene, rng, floor, int(rng.integers(2, 7)))
     _drop_clutter(scene, rng, int(rng.integers(15, 40)), max_dist=8.0)
     _near_occluders(scene, rng, 0.35, (0.3, 1.2), h)
+    _hang_lamp(scene, rng, floor.sample(rng) * 0.6, h)
 
 
 def tabletop(scene: Scene, rng) -> None:
@@ -256,37 +284,38 @@ def tabletop(scene: Scene, rng) -> None:
     _furnish(scene, rng, floor, int(rng.integers(1, 4)))
     _drop_clutter(scene, rng, int(rng.integers(12, 31)), max_dist=3.0, bottom_bias=0.2)
     _drop_clutter(scene, rng, int(rng.integers(2, 6)), max_dist=3.0)  # stacked or on the floor
+    _hang_lamp(scene, rng, top.centre + rng.normal(0, 0.3, 2), h)
 
 
 def outdoor(scene: Scene, rng) -> None:
     scene.sky, scene.haze_m = True, float(rng.uniform(150, 700))
     scene.add([part(rng, "quad", (400, 400), [0, 0, 0], role="ground", scale=1.5)], group=0)
-    ground = Support(np.zeros(2), np.array([200.0, 200.0]), 0.0, 0.0, (0.3, 1.5))
+    ground = Support(np.zeros(2), np.array([200.0, 200.0]), 0.0, 0.0, (0.3, 1.8))
     scene.supports.append(ground)
     for _ in range(VIEWS_PER_SCENE):
         eye = np.append(rng.uniform(-10, 10, 2), rng.uniform(1.2, 2.0) if rng.random() < 0.7 else rng.uniform(2, 10))
         r = rng.random()
         pitch = rng.uniform(-30, 15) if r < 0.7 else rng.uniform(-80, -30) if r < 0.9 else rng.uniform(15, 30)
         scene.cameras.append(look(eye, rng.uniform(0, 360), pitch, _roll(rng), rng.uniform(45, 80), 0.1, 300.0))
-    n_build = int(rng.integers(3, 9))
+    n_build = int(rng.integers(4, 11))
     for _ in range(n_build * 4):  # buildings on a ring around the cameras, fronts facing the centre
         b = props.building(rng)
-        ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(15, 80)
+        ang, dist = rng.uniform(0, 2 * np.pi), rng.uniform(12, 60)
         xy = dist * np.array([np.cos(ang), np.sin(ang)])
         if n_build > 0 and scene.is_free(xy, 0.0, b, 3.0):
             scene.place(b, xy, 0.0, ang - np.pi / 2 + rng.normal(0, 0.2))
             n_build -= 1
-    n_struct = int(rng.integers(5, 12))
-    for i in range(n_struct * 4):
+    n_struct = int(rng.integers(8, 19))
+    for i in range(n_struct * 4):  # trees, lamp posts, fences, cars, benches in front of the cameras
         cam = scene.cameras[i % len(scene.cameras)]
         fwd = cam.R[:, 2][:2] / max(np.linalg.norm(cam.R[:, 2][:2]), 1e-6)
         ang = np.arctan2(fwd[1], fwd[0]) + rng.uniform(-0.6, 0.6)
-        xy = cam.eye[:2] + rng.uniform(3, 35) * np.array([np.cos(ang), np.sin(ang)])
+        xy = cam.eye[:2] + rng.uniform(3, 30) * np.array([np.cos(ang), np.sin(ang)])
         prop = props.OUTDOOR[int(rng.integers(len(props.OUTDOOR)))](rng)
         if n_struct > 0 and scene.is_free(xy, 0.0, prop, 1.0):
             scene.place(prop, xy, 0.0, rng.uniform(0, 2 * np.pi))
             n_struct -= 1
-    _drop_clutter(scene, rng, int(rng.integers(10, 25)), max_dist=40.0)
+    _drop_clutter(scene, rng, int(rng.integers(15, 36)), max_dist=40.0)
     _near_occluders(scene, rng, 0.3, (0.6, 3.0), 5.0)
 
 
@@ -301,5 +330,6 @@ def build_scene(scene_seed: int, kind: str | None = None) -> Scene:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     rng = np.random.default_rng([scene_seed, KINDS.index(kind)])
     scene = Scene(kind, scene_seed)
-    BUILDERS[kind](scene, rng)
+    with props.palette(rng):
+        BUILDERS[kind](scene, rng)
     return scene

@@ -25,7 +25,7 @@ class Mesh:
     indices: np.ndarray  # (M,) int, triangles counter-clockwise seen from outside
 
 
-def _merge(parts: list[Mesh]) -> Mesh:
+def merge(parts: list[Mesh]) -> Mesh:
     offset, idx = 0, []
     for m in parts:
         idx.append(m.indices + offset)
@@ -70,18 +70,27 @@ FACE_ROTATIONS = {  # rotation taking +z to each face normal
 }
 
 
+def _box_template():
+    """Unit-box faces: corner signs, normals, and the two in-face axes (for metric UVs)."""
+    corners, normals, u_axes, v_axes = [], [], [], []
+    for rot in FACE_ROTATIONS.values():
+        for x, y in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
+            corners.append(rot @ np.array([x, y, 1.0]))
+            normals.append(rot[:, 2])
+            u_axes.append(rot[:, 0])
+            v_axes.append(rot[:, 1])
+    idx = np.concatenate([np.array([0, 1, 3, 0, 3, 2]) + 4 * f for f in range(6)])
+    return np.array(corners), np.array(normals), np.array(u_axes), np.array(v_axes), idx
+
+
+_BOX = _box_template()
+
+
 def box(half: tuple[float, float, float], tile: float) -> Mesh:
-    hx, hy, hz = half
-    faces = []
-    for name, rot in FACE_ROTATIONS.items():
-        axis = "xyz".index(name[1])
-        # face extents along the rotated quad's local x and y axes
-        w = 2 * np.abs(rot[:, 0]) @ np.array([hx, hy, hz])
-        h = 2 * np.abs(rot[:, 1]) @ np.array([hx, hy, hz])
-        shift = np.zeros(3)
-        shift[axis] = (1 if name[0] == "+" else -1) * (hx, hy, hz)[axis]
-        faces.append(_transform(quad(w, h, tile), rot, shift))
-    return _merge(faces)
+    corners, normals, u_axes, v_axes, idx = _BOX
+    v = corners * np.asarray(half, float)
+    uv = np.stack([(v * u_axes).sum(1), (v * v_axes).sum(1)], 1) / tile
+    return Mesh(v, normals.copy(), uv, idx.copy())
 
 
 def _surface_of_revolution(profile: np.ndarray, normals2d: np.ndarray, segments: int, tile: float) -> Mesh:
@@ -115,7 +124,7 @@ def _disc(radius: float, z: float, up: bool, segments: int, tile: float) -> Mesh
 def cylinder(radius: float, height: float, tile: float, segments: int = 18) -> Mesh:
     prof = np.array([[radius, -height / 2], [radius, height / 2]])
     side = _surface_of_revolution(prof, np.array([[1.0, 0.0], [1.0, 0.0]]), segments, tile)
-    return _merge(
+    return merge(
         [side, _disc(radius, height / 2, True, segments, tile), _disc(radius, -height / 2, False, segments, tile)]
     )
 
@@ -124,7 +133,7 @@ def cone(radius: float, height: float, tile: float, segments: int = 18) -> Mesh:
     prof = np.array([[radius, -height / 2], [1e-4, height / 2]])
     slope = np.array([height, radius]) / np.hypot(height, radius)
     side = _surface_of_revolution(prof, np.array([slope, slope]), segments, tile)
-    return _merge([side, _disc(radius, -height / 2, False, segments, tile)])
+    return merge([side, _disc(radius, -height / 2, False, segments, tile)])
 
 
 def ellipsoid(radii: tuple[float, float, float], tile: float, segments: int = 18, rings: int = 10) -> Mesh:

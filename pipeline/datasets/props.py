@@ -10,6 +10,8 @@ code can stand it on a floor, a table or a shelf with any yaw. Everything is dra
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,9 +63,31 @@ NATURAL_TINTS = {
 }
 
 
+PALETTE_SIZES = {"floor": 2, "wall": 2, "ground": 2, "object": 6, "poster": 3}
+_palette: ContextVar[dict[str, tuple] | None] = ContextVar("palette", default=None)
+
+
+@contextmanager
+def palette(rng: np.random.Generator):
+    """Restrict materials to a few textures per role while building one scene.
+
+    Why: real scenes reuse a handful of materials, and every distinct texture costs the renderer a
+    file load per scene; tints keep objects varied.
+    """
+    chosen = {}
+    for role, n in PALETTE_SIZES.items():
+        options = textures_for(role)
+        chosen[role] = tuple(options[i] for i in rng.choice(len(options), min(n, len(options)), replace=False))
+    token = _palette.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _palette.reset(token)
+
+
 def material(rng: np.random.Generator, role: str, scale: float) -> tuple[str, tuple, float]:
     """(texture name, tint, tile size) for a surface of the given role and typical size in metres."""
-    choices = textures_for(role)
+    choices = (_palette.get() or {}).get(role) or textures_for(role)
     tex = choices[rng.integers(len(choices))]
     if tex.source in NATURAL_TINTS:  # grey photographs of natural materials: plausible colours
         palette = NATURAL_TINTS[tex.source]

@@ -34,12 +34,15 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets import layouts, photometric
+from pipeline.datasets import layouts, meshes, photometric, shading
+from pipeline.datasets.bullet_args import arg_pool
 from pipeline.datasets.layouts import VIEWS_PER_SCENE, Camera, Scene
 from pipeline.datasets.props import build_mesh
 from pipeline.datasets.textures import texture_files
 
-MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"
+RECYCLE_AFTER_SCENES = 256  # pool workers restart after this many scenes: bounds pybullet's native leak
+MIN_OBJECT_PIXELS = 0.0005
+SHADOW_MAP_SIZE = 192  # fraction of the image an object must cover to count as "in view"
 
 
 @dataclass
@@ -60,19 +63,37 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed // VIEWS_PER_SCENE, seed % VIEWS_PER_SCENE
 
 
-def intrinsics(fov_deg: float, size: int) -> np.ndarray:
+def intrinsics(fov_deg: float, size: int, supersample: int = 1) -> np.ndarray:
+    """K for pixel (u, v) = (column, row) index, of an image rendered at ``size * supersample`` and
+    block-averaged down to ``size``.
+
+    TinyRenderer samples pixel i at continuous coordinate i (not i + 0.5) in a y-up buffer that is
+    flipped on read-out, so at full resolution cx = W/2 and cy = H/2 - 1 (fitted on floor pixels:
+    residual ~2 µm; the textbook (W-1)/2 is off by half a pixel). An s×s block average moves the
+    sample to the block's mean position.
+    """
+    s = supersample
     f = (size / 2) / np.tan(np.radians(fov_deg) / 2)
-    c = (size - 1) / 2
-    return np.array([[f, 0, c], [0, f, c], [0, 0, 1.0]])
+    cx = size / 2 - (s - 1) / (2 * s)
+    cy = size / 2 - (s + 1) / (2 * s)
+    return np.array([[f, 0, cx], [0, f, cy], [0, 0, 1.0]])
 
 
-def _quaternion(R: np.ndarray) -> list[float]:
-    """Rotation matrix -> (x, y, z, w)."""
-    w = np.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
-    x = np.copysign(np.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
-    y = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
-    z = np.copysign(np.sqrt(max(0.0, 1 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
-    return [float(x), float(y), float(z), float(w)]
+def _merged_meshes(scene: Scene) -> list[tuple[tuple[int, str, tuple], meshes.Mesh]]:
+    """One world-space mesh per (object, texture, tint), smallest objects first, floor and walls last.
+
+    Why: each pybullet body costs ~0.5 ms to create, and TinyRenderer shades a fragment fully
+    unless an earlier-drawn surface already hides it; drawing small near things before the big
+    surfaces behind them saves most of the shading.
+    """
+    merged: dict[tuple, list[meshes.Mesh]] = {}
+    for part, group in zip(scene.parts, scene.groups):
+        m = build_mesh(part)
+        world = meshes.Mesh(m.vertices @ part.rot.T + part.pos, m.normals @ part.rot.T, m.uvs, m.indices)
+        merged.setdefault((group, part.texture, part.tint), []).append(world)
+    out = [(key, meshes.merge(ms)) for key, ms in merged.items()]
+    extent = lambda m: float(np.ptp(m.vertices, axis=0).max())
+    return sorted(out, key=lambda item: (item[0][0] <= 0, extent(item[1])))
 
 
 class _Client:
@@ -87,13 +108,13 @@ class _Client:
         tex_ids = {name: p.loadTexture(files[name], physicsClientId=self.cid)
                    for name in sorted({part.texture for part in scene.parts})}
         self.group_of_body: dict[int, int] = {}
-        for part, group in zip(scene.parts, scene.groups):
-            m = build_mesh(part)
-            vs = p.createVisualShape(p.GEOM_MESH, vertices=m.vertices.tolist(), indices=m.indices.tolist(),
-                                     uvs=m.uvs.tolist(), normals=m.normals.tolist(), physicsClientId=self.cid)
-            body = p.createMultiBody(baseVisualShapeIndex=vs, basePosition=part.pos.tolist(),
-                                     baseOrientation=_quaternion(part.rot), physicsClientId=self.cid)
-            p.changeVisualShape(body, -1, textureUniqueId=tex_ids[part.texture], rgbaColor=[*part.tint, 1.0],
+        pool = arg_pool()
+        for (group, texture, tint), mesh in _merged_meshes(scene):
+            centre = (mesh.vertices.min(axis=0) + mesh.vertices.max(axis=0)) / 2
+            args = pool.mesh_kwargs(mesh.vertices - centre, mesh.normals, mesh.uvs, mesh.indices)
+            vs = p.createVisualShape(p.GEOM_MESH, physicsClientId=self.cid, **args)
+            body = p.createMultiBody(baseVisualShapeIndex=vs, basePosition=centre.tolist(), physicsClientId=self.cid)
+            p.changeVisualShape(body, -1, textureUniqueId=tex_ids[texture], rgbaColor=[*tint, 1.0],
                                 physicsClientId=self.cid)
             self.group_of_body[body] = group
 
@@ -121,18 +142,47 @@ class _Client:
         return rgb, np.where(groups > -100, depth, 0.0), groups
 
 
-def _light(rng: np.random.Generator, kind: str) -> dict:
-    elev, azim = np.radians(rng.uniform(25, 80)), rng.uniform(0, 2 * np.pi)
+@dataclass
+class Light:
+    renderer_kwargs: dict  # TinyRenderer's directional lighting
+    to_light: np.ndarray  # unit vector towards the sun, or towards the lamp from the view's centre
+    lamp: np.ndarray | None  # indoor point light position
+    shadow_strength: float  # 0 = no cast shadows
+
+
+def _light(rng: np.random.Generator, scene: Scene, cam: Camera) -> Light:
+    if scene.lamp is not None:
+        to_light = scene.lamp - (cam.eye + 2.0 * cam.R[:, 2])
+        to_light /= np.linalg.norm(to_light)
+        strength = float(rng.uniform(0.25, 0.55))
+    else:
+        elev, azim = np.radians(rng.uniform(20, 75)), rng.uniform(0, 2 * np.pi)
+        to_light = np.array([np.cos(elev) * np.cos(azim), np.cos(elev) * np.sin(azim), np.sin(elev)])
+        strength = float(rng.uniform(0.35, 0.6) if rng.random() < 0.8 else rng.uniform(0.05, 0.2))  # sun / overcast
     warmth = rng.uniform(-0.12, 0.12)
-    return dict(
-        lightDirection=[float(np.cos(elev) * np.cos(azim)), float(np.cos(elev) * np.sin(azim)), float(np.sin(elev))],
+    kwargs = dict(
+        lightDirection=to_light.tolist(),
         lightColor=[float(1 + warmth), 1.0, float(1 - warmth)],
         lightDistance=10.0,
-        lightAmbientCoeff=float(rng.uniform(0.35, 0.65)),
-        lightDiffuseCoeff=float(rng.uniform(0.35, 0.65)),
+        lightAmbientCoeff=float(rng.uniform(0.45, 0.7)),
+        lightDiffuseCoeff=float(rng.uniform(0.35, 0.6)),
         lightSpecularCoeff=float(rng.uniform(0.0, 0.3)),
-        shadow=int(kind == "outdoor" or rng.random() < 0.5),
+        shadow=0,  # TinyRenderer's own shadows: no visible effect here, twice the cost (see shading.py)
     )
+    return Light(kwargs, to_light, scene.lamp, strength)
+
+
+def _shade(client: _Client, cam: Camera, light: Light, depth: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Per-pixel multiplicative shading: ambient occlusion and cast shadows (see shading.py)."""
+    shade = shading.ambient_occlusion(depth)
+    valid = depth > 0
+    if light.shadow_strength > 0 and valid.any():
+        points = shading.camera_points(depth, K, cam)
+        light_cam = (shading.lamp_camera(light.lamp) if light.lamp is not None
+                     else shading.sun_camera(points[valid], light.to_light))
+        _, light_depth, _ = client.render(light_cam, SHADOW_MAP_SIZE, {})
+        shade *= 1 - light.shadow_strength * shading.shadow_mask(points, valid, light_cam, light_depth)
+    return shade
 
 
 def _downsample(rgb, depth, groups, s: int):
@@ -156,8 +206,11 @@ def _view(client: _Client, seed: int, size: int, augment: bool, supersample: int
     scene, (_, cam_index) = client.scene, split_seed(seed)
     cam = scene.cameras[cam_index]
     rng = np.random.default_rng([seed, 11])
-    rgb, depth, groups = _downsample(*client.render(cam, size * supersample, _light(rng, scene.kind)), supersample)
-    K = intrinsics(cam.fov_deg, size)
+    light = _light(rng, scene, cam)
+    rgb, depth, groups = client.render(cam, size * supersample, light.renderer_kwargs)
+    rgb = shading.apply(rgb, _shade(client, cam, light, depth, intrinsics(cam.fov_deg, size * supersample)))
+    rgb, depth, groups = _downsample(rgb, depth, groups, supersample)
+    K = intrinsics(cam.fov_deg, size, supersample)
     elev = photometric.ray_elevation(K, cam.R, size)
     rgb = photometric.finish(rgb, depth, elev, scene.haze_m, scene.sky, rng)
     if augment:
@@ -204,7 +257,7 @@ def render_views(seeds: Iterable[int], size: int = 256, processes: int = 1, kind
         for job in jobs:
             yield from _render_group(job)
         return
-    with get_context("spawn").Pool(processes) as pool:
+    with get_context("spawn").Pool(processes, maxtasksperchild=RECYCLE_AFTER_SCENES) as pool:
         for views in pool.imap(_render_group, jobs):
             yield from views
 

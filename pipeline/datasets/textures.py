@@ -43,7 +43,7 @@ PHOTO_SOURCES: dict[str, tuple[str, ...]] = {
     "grass": ("ground", "object"),
     "gravel": ("ground", "floor", "object"),
     "hubble_deep_field": ("object", "poster"),
-    "immunohistochemistry": ("object", "wall"),
+    "immunohistochemistry": ("object",),
     "moon": ("ground", "object", "wall"),
     "page": ("object", "poster"),
     "rocket": ("object", "poster"),
@@ -60,16 +60,18 @@ PROCEDURAL_KINDS: dict[str, tuple[str, ...]] = {
 VARIANTS_PER_KIND = 4
 
 
+# photographs without colour (a test checks this list against the pixels)
+GREY_PHOTOS = frozenset({"brick", "camera", "clock", "coins", "grass", "gravel", "moon", "page", "text"})
+
+
 @dataclass(frozen=True)
 class Texture:
-    name: str  # unique key, e.g. "photo:brick" or "wood:2"
+    """What a scene needs to know about a texture; the pixels come from ``texture_image``."""
+
+    name: str  # unique key, e.g. "photo:brick", "poster:rocket" or "wood:2"
     source: str  # skimage loader name, or the procedural kind
     roles: tuple[str, ...]
-    image: np.ndarray  # (TEXTURE_SIZE, TEXTURE_SIZE, 3) uint8
-
-    @property
-    def grey(self) -> bool:
-        return _is_grey(self.name)
+    grey: bool
 
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:
@@ -128,8 +130,8 @@ def _fbm(rng: np.random.Generator, size: int, octaves: int = 5, base: int = 4) -
 
 
 def _colour(rng: np.random.Generator, lo: float = 0.15, hi: float = 0.95) -> np.ndarray:
-    """A muted colour (real materials are rarely fully saturated): random hue, saturation <= 0.6."""
-    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.6), rng.uniform(lo, hi)))
+    """A muted colour (real materials are rarely fully saturated): random hue, saturation <= 0.45."""
+    return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.45), rng.uniform(lo, hi)))
 
 
 def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -141,17 +143,20 @@ def procedural(kind: str, variant: int, size: int = TEXTURE_SIZE) -> np.ndarray:
     rng = np.random.default_rng([hash_str(kind), variant])
     yy, xx = np.mgrid[0:size, 0:size] / size
     grain = _fbm(rng, size, octaves=4, base=8)
-    if kind == "checker":
+    if kind == "checker":  # floor tiles: one light and one dark colour
         n = int(rng.choice([2, 4, 8]))
         t = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(float)
-        img = _mix(_colour(rng), _colour(rng), t) * (0.85 + 0.3 * grain[..., None])
-    elif kind == "noise":
+        img = _mix(_colour(rng, 0.65, 0.95), _colour(rng, 0.1, 0.4), t) * (0.9 + 0.2 * grain[..., None])
+    elif kind == "noise":  # plaster, concrete, carpet: one colour with soft mottling
         t = _fbm(rng, size, octaves=6, base=int(rng.choice([2, 4, 8])))
-        img = _mix(_colour(rng), _colour(rng), np.clip((t - 0.5) * 2.5 + 0.5, 0, 1))
-    elif kind == "stripes":
+        base = _colour(rng, 0.35, 0.9)
+        other = base * rng.uniform(0.7, 0.9) if rng.random() < 0.7 else _colour(rng, 0.35, 0.9)
+        img = _mix(base, other, np.clip((t - 0.5) * 1.5 + 0.5, 0, 1))
+    elif kind == "stripes":  # wallpaper, fabric
         n = int(rng.choice([4, 8, 16]))
         t = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * n * xx + rng.uniform(0, 6)))
-        img = _mix(_colour(rng), _colour(rng), t) * (0.9 + 0.2 * grain[..., None])
+        base = _colour(rng, 0.4, 0.9)
+        img = _mix(base, base * rng.uniform(0.6, 0.85), t) * (0.9 + 0.2 * grain[..., None])
     elif kind == "wood":
         rings = int(rng.choice([6, 10, 16]))
         warp = _fbm(rng, size, octaves=4, base=4)
@@ -176,19 +181,30 @@ def hash_str(s: str) -> int:
 
 @lru_cache(maxsize=1)
 def texture_bank() -> tuple[Texture, ...]:
-    """Every texture a scene may use, in a fixed order (the order is part of determinism)."""
+    """Every texture a scene may use, in a fixed order (the order is part of determinism).
+
+    Cheap: no pixels are loaded, so worker processes whose texture files already exist start fast.
+    """
     bank = []
     for name, roles in PHOTO_SOURCES.items():
-        photo = load_photo(name)
-        material_roles = tuple(r for r in roles if r != "poster")
-        bank.append(Texture(f"photo:{name}", name, material_roles, _seamless(photo, TEXTURE_SIZE)))
+        grey = name in GREY_PHOTOS
+        bank.append(Texture(f"photo:{name}", name, tuple(r for r in roles if r != "poster"), grey))
         if "poster" in roles:  # posters show the photograph once, unmirrored
-            bank.append(Texture(f"poster:{name}", name, ("poster",), _resize(_centre_square(photo), TEXTURE_SIZE)))
+            bank.append(Texture(f"poster:{name}", name, ("poster",), grey))
     for kind, roles in PROCEDURAL_KINDS.items():
-        for v in range(VARIANTS_PER_KIND):
-            bank.append(Texture(f"{kind}:{v}", kind, roles, procedural(kind, v)))
+        bank += [Texture(f"{kind}:{v}", kind, roles, False) for v in range(VARIANTS_PER_KIND)]
     assert not {t.source for t in bank} & FORBIDDEN_SOURCES
     return tuple(bank)
+
+
+def texture_image(name: str) -> np.ndarray:
+    """(TEXTURE_SIZE, TEXTURE_SIZE, 3) uint8 pixels of a bank texture."""
+    kind, _, rest = name.partition(":")
+    if kind == "photo":
+        return _seamless(load_photo(rest), TEXTURE_SIZE)
+    if kind == "poster":
+        return _resize(_centre_square(load_photo(rest)), TEXTURE_SIZE)
+    return procedural(kind, int(rest))
 
 
 def texture_sources() -> list[str]:
@@ -201,12 +217,6 @@ def textures_for(role: str) -> tuple[Texture, ...]:
     return tuple(t for t in texture_bank() if role in t.roles)
 
 
-@lru_cache(maxsize=None)
-def _is_grey(name: str) -> bool:
-    img = next(t.image for t in texture_bank() if t.name == name).astype(np.int16)
-    return bool(np.abs(img - img.mean(axis=2, keepdims=True)).mean() < 2)
-
-
 def _bank_key() -> str:
     """Identifies the bank without building it: this module's source plus the scikit-image version."""
     import skimage
@@ -216,28 +226,20 @@ def _bank_key() -> str:
     return h.hexdigest()[:16]
 
 
-def texture_names() -> list[str]:
-    names = []
-    for name, roles in PHOTO_SOURCES.items():
-        names += [f"photo:{name}"] + ([f"poster:{name}"] if "poster" in roles else [])
-    names += [f"{k}:{v}" for k in PROCEDURAL_KINDS for v in range(VARIANTS_PER_KIND)]
-    return names
-
-
 @lru_cache(maxsize=1)
 def texture_files() -> dict[str, str]:
-    """Texture name -> PNG path, written once per machine (pybullet loads textures from files only).
+    """Texture name -> image file, written once per machine (pybullet loads textures from files only).
 
-    Files live in a content-addressed temp folder and are written atomically, so concurrent
-    processes never read a half-written file.
+    Uncompressed TGA, because pybullet decodes it ~2x faster than PNG. Files live in a folder keyed
+    by this module's source, and are written atomically, so concurrent processes never read a
+    half-written file.
     """
     folder = os.path.join(tempfile.gettempdir(), f"dad-textures-{_bank_key()}")
-    paths = {n: os.path.join(folder, n.replace(":", "_") + ".png") for n in texture_names()}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
+    paths = {t.name: os.path.join(folder, t.name.replace(":", "_") + ".tga") for t in texture_bank()}
     os.makedirs(folder, exist_ok=True)
-    for t in texture_bank():
-        tmp = f"{paths[t.name]}.{os.getpid()}.tmp"
-        Image.fromarray(t.image).save(tmp, format="PNG")
-        os.replace(tmp, paths[t.name])
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Image.fromarray(texture_image(name)).save(tmp, format="TGA")
+            os.replace(tmp, path)
     return paths

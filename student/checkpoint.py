@@ -1,0 +1,103 @@
+"""One checkpoint format for students: a plain dict that `torch.load(weights_only=True)` reads.
+
+Why: checkpoints travel between stages, machines and people (train -> evaluate/predict, a student
+reused as a teacher, `dad train --init-from`, small models committed to the repo). A pickle that
+can run code must never be the way weights arrive, so loading uses the weights-only unpickler and
+a crafted file raises instead of executing. The dict is self-describing:
+
+    {"format": "dad.student", "version": 1,
+     "model_config": StudentConfig as a dict of plain values (enough to rebuild the model),
+     "state_dict": parameters and persistent buffers (float16 with half=True),
+     "extra": anything weights-only-loadable the caller adds (optimizer state, step, metrics)}
+
+Paths are fsspec URLs (local, s3://, memory://) or open binary file objects. Local writes go to a
+temporary file in the target directory and are renamed into place, so a crash never leaves a
+truncated checkpoint under the final name (DESIGN.md §3, "marker last"); object stores make an
+object visible only once its upload completes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import tempfile
+
+import fsspec
+import torch
+
+from .model import StudentConfig, StudentModel
+
+FORMAT, VERSION = "dad.student", 1
+
+
+class CheckpointError(ValueError):
+    """The file is not a student checkpoint this code can rebuild."""
+
+
+def save_checkpoint(model: StudentModel, target, extra: dict | None = None, half: bool = False) -> None:
+    """Write `model` (+ `extra`) to a path/URL or a binary file object."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(),
+               "state_dict": state, "extra": extra}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    if hasattr(target, "write"):
+        target.write(data)
+    elif fsspec.utils.get_protocol(str(target)) in ("file", "local"):
+        _atomic_write_local(fsspec.core.strip_protocol(str(target)), data)
+    else:
+        with fsspec.open(str(target), "wb") as f:
+            f.write(data)
+
+
+def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel, dict | None]:
+    """Rebuild the model from a checkpoint path/URL or binary file object; returns (model, extra)."""
+    if hasattr(source, "read"):
+        payload = torch.load(source, map_location=map_location, weights_only=True)
+    else:
+        with fsspec.open(str(source), "rb") as f:
+            payload = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{source!r} is not a {FORMAT} checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint version {payload.get('version')!r}; this code reads {VERSION}")
+    config = config_from_dict(payload["model_config"])
+    try:
+        model = StudentModel(config)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot build a student from model_config {config}: {e}") from e
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"state_dict does not fit its model_config: {e}") from e
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model, payload.get("extra")
+
+
+def config_from_dict(config: dict) -> StudentConfig:
+    """StudentConfig from its dict form; unknown fields mean a newer/other format and are an error."""
+    known = {f.name for f in dataclasses.fields(StudentConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CheckpointError(f"model_config has fields this code does not know: {unknown}")
+    return StudentConfig(**config)
+
+
+def _atomic_write_local(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".ckpt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
