@@ -16,17 +16,25 @@ teacher's declared output space; `as_disparity` converts when reading.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.storage import Root
 
 ARRAYS = ("global", "local", "global_valid", "local_valid")
+NDIM = {"global": 3, "local": 4, "global_valid": 3, "local_valid": 4}
+LAYOUT = 2  # 1: Blosc only; 2: Blosc + per-chunk CRC32C. Part of the teach cell fingerprint.
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+class CacheCorruptError(ValueError):
+    """Cached targets that cannot be trusted; the message names the teacher, the shard and the fix."""
+
+
+def _compressors() -> tuple:
+    return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
 
 def cache_path(teacher: str) -> tuple[str, str]:
@@ -47,7 +55,7 @@ def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: in
     group = zarr.open_group(root.zarr_store(*cache_path(teacher)), mode="a")
     n = n_shards * shard_size
     shapes = {"global": (n, g, g), "local": (n, k, l, l), "global_valid": (n, g, g), "local_valid": (n, k, l, l)}
-    existing = set(group.array_keys())
+    existing = set(group.array_keys()) if group.attrs.get("cache_layout") == LAYOUT else set()
     for name, shape in shapes.items():
         if name in existing and group[name].shape == shape:
             continue
@@ -55,8 +63,8 @@ def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: in
         group.create_array(
             name, shape=shape, chunks=(1, *shape[1:]), shards=(shard_size, *shape[1:]),
             dtype="bool" if is_mask else "float16", fill_value=False if is_mask else np.nan,
-            compressors=_compressor(), overwrite=True)
-    group.attrs.update(attrs)
+            compressors=_compressors(), overwrite=True)
+    group.attrs.update({**attrs, "cache_layout": LAYOUT})
     return group
 
 
@@ -86,9 +94,87 @@ def write_shard(group: zarr.Group, shard: int, shard_size: int, global_pred: np.
 
 
 def read_rows(group: zarr.Group, rows: list[int] | np.ndarray) -> dict[str, np.ndarray]:
-    """Read the four arrays for the given slots (orthogonal selection: only those chunks)."""
+    """Read the four arrays for the given slots (orthogonal selection: only those chunks).
+
+    A chunk that fails to decode (checksum, codec or I/O error on a stored object) raises
+    `CacheCorruptError` naming the teacher and corpus shard: corrupt bytes are never returned."""
     rows = np.asarray(rows, dtype=np.int64)
-    return {name: group[name].get_orthogonal_selection((rows,)) for name in ARRAYS}
+    out = {}
+    for name in ARRAYS:
+        try:
+            out[name] = group[name].get_orthogonal_selection((rows,))
+        except Exception as err:  # noqa: BLE001 - whatever the codec raised, the cause is the stored bytes
+            teacher = str(group.attrs.get("teacher", {}).get("name", group.store))
+            size = int(group.attrs.get("shard_size") or group[name].shards[0])
+            shards = sorted({int(r) // size for r in rows})
+            raise CacheCorruptError(
+                f"cached targets of teacher {teacher!r} ({name}, corpus shard(s) {shards}) cannot be decoded: "
+                f"{type(err).__name__}: {err}. The cache is corrupt; recompute it with "
+                f"`dad teach --verify --teacher {teacher}`") from err
+    return out
+
+
+# -- integrity of stored shards ----------------------------------------------------------------
+
+def shard_key(name: str, shard: int) -> str:
+    """Store key of the Zarr shard object holding corpus shard `shard` of array `name`."""
+    return "/".join([name, "c", str(shard), *["0"] * (NDIM[name] - 1)])
+
+
+def shard_digests(root: Root, teacher: str, shard: int) -> dict[str, dict | None]:
+    """array → {"bytes", "sha256"} of its stored shard object (None: not stored, every value is the fill)."""
+    out: dict[str, dict | None] = {}
+    for name in ARRAYS:
+        try:
+            data = root.read_bytes(*cache_path(teacher), shard_key(name, shard))
+        except FileNotFoundError:
+            out[name] = None
+            continue
+        out[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return out
+
+
+def check_shard(root: Root, teacher: str, shard: int, recorded: dict | None, deep: bool,
+                sizes: dict[str, int] | None = None) -> str | None:
+    """Why corpus shard `shard` of `teacher`'s cache no longer matches its teach marker (None: it does).
+
+    `recorded` is the marker's `objects` entry. Cheap (deep=False): each object exists with its recorded
+    size (`sizes`: store key → size from one listing, else one lookup per object). Deep: sha256 too."""
+    if not isinstance(recorded, dict) or set(recorded) != set(ARRAYS):
+        return "its teach marker records no checksums (written by an older version)"
+    for name in ARRAYS:
+        want, key = recorded[name], shard_key(name, shard)
+        if deep:
+            got = shard_digests(root, teacher, shard)[name]
+            if got != want:
+                what = "missing" if got is None else ("present but should not be" if want is None else
+                                                      f"{got['bytes']} bytes, sha256 {got['sha256'][:12]}…")
+                expect = "absent" if want is None else f"{want['bytes']} bytes, sha256 {want['sha256'][:12]}…"
+                return f"{key}: {what}; its teach marker recorded {expect}"
+            continue
+        if sizes is not None:
+            size = sizes.get(key)
+        else:
+            try:
+                size = root.fs.size(root.path(*cache_path(teacher), key))
+            except FileNotFoundError:
+                size = None
+        if (size is None) != (want is None) or (want is not None and size != want["bytes"]):
+            return f"{key}: {'missing' if size is None else f'{size} bytes'}; its teach marker recorded " \
+                   f"{'absent' if want is None else str(want['bytes']) + ' bytes'}"
+    return None
+
+
+def object_sizes(root: Root, teacher: str) -> dict[str, int]:
+    """Store key (relative to the teacher's group) → size, for every stored object, in one listing."""
+    base = root.path(*cache_path(teacher)).rstrip("/") + "/"
+    try:
+        found = root.fs.find(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    strip = base.lstrip("/")
+    return {path.lstrip("/")[len(strip):]: int(info["size"]) for path, info in found.items()
+            if path.lstrip("/").startswith(strip)}
 
 
 def as_disparity(pred: np.ndarray, space: str, eps: float = 1e-6) -> np.ndarray:

@@ -130,10 +130,13 @@ def shard(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, address:
 @app.command()
 def teach(config: ConfigOpt, teacher: Annotated[Optional[list[str]], typer.Option(
               "--teacher", help="only these teachers (repeatable; default: all configured)")] = None,
-          root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None, break_lock: BreakOpt = False):
+          root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None, break_lock: BreakOpt = False,
+          verify: Annotated[bool, typer.Option("--verify", help="sha256-check every cached shard against its "
+                                                "marker and recompute those that differ")] = False):
     """Run teachers on every shard; cache global + local predictions in Zarr (only missing cells)."""
     cfg = _guarded(lambda: _load(config, root, set_))
-    _guarded(lambda: _run_stage("teach", cfg, teachers=teacher or None, address=address, break_lock=break_lock))
+    _guarded(lambda: _run_stage("teach", cfg, teachers=teacher or None, address=address, break_lock=break_lock,
+                                verify=verify))
 
 
 @app.command()

@@ -48,7 +48,12 @@ def decode_rgb(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: floa
         raise Rejected(f"too small: short side {min(w, h)} px < corpus.min_side = {min_side}")
     if max(w, h) / min(w, h) > max_aspect:
         raise Rejected(f"extreme aspect ratio {max(w, h) / min(w, h):.1f} > corpus.max_aspect = {max_aspect}")
-    return to_rgb8(img)
+    try:
+        return to_rgb8(img)
+    except Rejected:
+        raise
+    except Exception as err:  # noqa: BLE001 - a mode PIL cannot convert is a reject, not a crashed shard
+        raise Rejected(f"unsupported pixel layout (mode {img.mode}): {type(err).__name__}: {err}") from None
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:

@@ -48,6 +48,10 @@ class Ledger:
                   "finished": time.time(), **(info or {})}
         self.root.write_json(record, *self._dir(stage, scope), f"{cell}.{fp}.json")
 
+    def unmark(self, stage: str, scope: str, cell: str, fp: str) -> None:
+        """Withdraw a marker (its outputs turned out bad): the cell is not done until it is redone."""
+        self.root.remove(*self._dir(stage, scope), f"{cell}.{fp}.json")
+
     def is_done(self, stage: str, scope: str, cell: str, fp: str) -> bool:
         return self.root.exists(*self._dir(stage, scope), f"{cell}.{fp}.json")
 

@@ -8,6 +8,7 @@ Credentials are never stored here: s3fs reads them from the environment.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -94,11 +95,16 @@ class Root:
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # a failed write leaves nothing behind, not a stray .tmp-* file
+                raise
         else:
             self.fs.pipe_file(target, data)
 
@@ -111,16 +117,31 @@ class Root:
         self.write_bytes(buf.getvalue(), *parts)
 
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
-        """Create an object only if absent. True if we created it (local: O_EXCL; else check-then-write)."""
+        """Create an object only if absent. True if we created it (local: atomic link; else check-then-write)."""
         target = self.path(*parts)
         if self.is_local:
+            # Write a private temp file, then hard-link it into place: link() fails if the target exists,
+            # and the target never exists without its full content (O_EXCL + write would let a racing
+            # reader see an empty lock file, take it for stale and break it).
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             try:
-                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, target)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            except OSError:  # a filesystem without hard links: plain O_EXCL create
+                try:
+                    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            finally:
+                os.unlink(tmp)
             return True
         if self.fs.exists(target):
             return False

@@ -115,8 +115,8 @@ def _units_for(items: list[tuple[str, str]]) -> list[Unit]:
         kind = uri.split(":", 1)[0]
         if kind in generated:
             generated[kind].append(uri)
-        elif "#" in uri:
-            tars.add(uri.split("#", 1)[0])
+        elif ".tar#" in uri:  # `<tar-url>#<member>` (sources.read_unit); a plain file name may contain '#'
+            tars.add(uri[:uri.index(".tar#") + 4])
         else:
             files.append(uri)
     units = ([Unit("files", files)] if files else []) + [Unit("tar", [t]) for t in sorted(tars)]

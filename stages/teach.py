@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import ensure_cache, open_cache, write_shard
+from pipeline.cache import LAYOUT, check_shard, ensure_cache, object_sizes, open_cache, shard_digests, write_shard
 from pipeline.config import DadConfig, TeacherCfg, fingerprint
 from pipeline.corpus import iter_shard, shard_ids, shard_name
 from pipeline.crops import box_pixels
@@ -39,7 +39,7 @@ STAGE = "teach"
 
 
 def cell_fingerprint(cfg: DadConfig, teacher_fp: str) -> str:
-    return fingerprint({"teacher": teacher_fp, "corpus": shard_fingerprint(cfg), "layout": 1})
+    return fingerprint({"teacher": teacher_fp, "corpus": shard_fingerprint(cfg), "layout": LAYOUT})
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -104,9 +104,11 @@ class TeachWorker:
         g_pred = resample(g_pred.astype(np.float32), crops.global_size)
         l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
         stats = write_shard(self.group, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
-        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), "node": _node_id(), **stats}
+        objects = shard_digests(self.root, self.name, shard)  # what `check_shard` verifies later
+        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), "node": _node_id(), **stats,
+                "objects": objects}
         self.ledger.mark(STAGE, self.name, shard_name(shard), self.fp, info)
-        return info
+        return {k: v for k, v in info.items() if k != "objects"}  # flat values only (a Ray Data row)
 
 
 def _node_id() -> str:
@@ -157,9 +159,32 @@ def root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
+def verify_cells(root: Root, name: str, fp: str, shards: list[int], deep: bool) -> dict[int, str]:
+    """Done cells of `name` whose stored shard objects no longer match their marker: shard → why.
+
+    Cheap (deep=False): one listing of the cache's object sizes, one read per marker. Deep: sha256 of every
+    stored shard object (reads the whole cache of that teacher)."""
+    ledger = Ledger(root)
+    sizes = None if deep else object_sizes(root, name)
+    bad = {}
+    for s in shards:
+        try:
+            recorded = ledger.info(STAGE, name, shard_name(s), fp).get("objects")
+        except (FileNotFoundError, ValueError) as err:
+            bad[s] = f"unreadable teach marker: {type(err).__name__}: {err}"
+            continue
+        why = check_shard(root, name, s, recorded, deep=deep, sizes=sizes)
+        if why:
+            bad[s] = why
+    return bad
+
+
 def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None = None,
-        break_lock: bool = False) -> dict:
-    """Fill the target cache for the given teachers (default: all configured); only missing cells."""
+        break_lock: bool = False, verify: bool = False) -> dict:
+    """Fill the target cache for the given teachers (default: all configured); only missing cells.
+
+    Done cells are checked against their markers (object sizes; sha256 with `verify=True`): a cell whose
+    stored bytes changed since it was written is recomputed, with a warning that says why."""
     t0 = time.time()
     root = Root(cfg.run.root)
     ledger = Ledger(root)
@@ -176,13 +201,18 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
     inline = use_inline(cfg.run, root.process_local)
     if not inline:
         init_ray(cfg.run, address)
-    totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0}
+    totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0, "recomputed": 0}
     for name in names:
         spec = spec_for(name, cfg.teachers[name])
         fp = cell_fingerprint(cfg, spec.fingerprint)
         with stage_lock(root, STAGE, name, break_lock=break_lock, command=f"dad teach --teacher {name}"):
             done = ledger.done(STAGE, name, fp)
-            todo = [s for s in shards if shard_name(s) not in done]
+            corrupt = verify_cells(root, name, fp, [s for s in shards if shard_name(s) in done], deep=verify)
+            for s, why in sorted(corrupt.items()):
+                log.warning("teach %s: shard %s does not match its marker (%s): recomputing", name, shard_name(s), why)
+                ledger.unmark(STAGE, name, shard_name(s), fp)  # not "done" while it is being redone
+            totals["recomputed"] += len(corrupt)
+            todo = [s for s in shards if shard_name(s) not in done or s in corrupt]
             totals["skipped"] += len(shards) - len(todo)
             if not todo:
                 continue

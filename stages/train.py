@@ -26,16 +26,19 @@ import numpy as np
 import torch
 
 from pipeline.config import DadConfig, fingerprint
+from pipeline.corpus import shard_ids, shard_name
 from pipeline.ledger import Ledger, check_recorded, stage_lock
 from pipeline.runtime import init_ray, use_inline
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
-from student.data import StreamSpec, TargetStream, prefetch, steps_per_epoch
-from student.trainer import StepConfig, frozen_encoder, make_optimizer, make_scheduler, train_step
+from student.data import EpochPlan, StreamSpec, TargetStream, prefetch
+from student.trainer import (StepConfig, freeze_unused, frozen_encoder, make_optimizer, make_scheduler,
+                             train_step)
 
 log = logging.getLogger("dad.train")
 STAGE = "train"
 CKPT = re.compile(r"^ckpt-(\d{7})\.pt$")
+KEEP_CHECKPOINTS = 2  # ckpt-*.pt files kept (the newest); model.pt (the final weights) is always kept
 RESUME_FREE = {"steps", "checkpoint_every", "log_every", "workers", "cpus_per_worker", "gpus_per_worker",
                "resources_per_worker", "prefetch", "name"}
 
@@ -51,22 +54,49 @@ def train_fingerprint(cfg: DadConfig) -> str:
 # -- checks before any worker starts ------------------------------------------------------------
 
 def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], dict[int, list[int]]]:
+    """The current selection as row → probabilities and shard → rows; clear errors when it cannot be used."""
+    if not cfg.teachers:
+        raise ValueError("no teachers configured: add a [teachers.<name>] section, then `dad teach` and `dad score`")
     ledger = Ledger(root)
     tfps = teacher_fps(cfg)
+    try:
+        shards = {shard_name(s) for s in shard_ids(root)}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no corpus at {root.url}: run `dad shard` first") from None
     for n, tfp in tfps.items():
-        if not ledger.done("teach", n, tfp):
-            raise FileNotFoundError(f"no cached targets for teacher {n!r}: run `dad teach --teacher {n}`")
+        missing = shards - ledger.done("teach", n, tfp)
+        if missing:
+            what = "no cached targets" if missing == shards else f"no current cached targets for {len(missing)} shard(s)"
+            raise FileNotFoundError(f"{what} for teacher {n!r}: run `dad teach --teacher {n}`")
     sfp = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
     if not ledger.is_done("score", "_", "selection", sfp):
         raise FileNotFoundError("no current teacher selection (teachers or score settings changed): run `dad score`")
     table = root.read_table("scores", "selection.parquet").to_pylist()
     if not table:
-        raise ValueError("the selection keeps no samples (every sample was dropped): check `dad score`'s summary")
+        raise ValueError("the selection keeps no samples (score.policy / filter_threshold / exclude_licenses "
+                         "dropped every one): loosen them and rerun `dad score` (see scores/selection_summary.json)")
     selection = {r["row"]: np.array([r[f"p_{n}"] for n in cfg.teachers]) for r in table}
     shard_rows: dict[int, list[int]] = {}
     for r in sorted(table, key=lambda r: r["row"]):
         shard_rows.setdefault(r["shard"], []).append(r["row"])
     return selection, shard_rows
+
+
+def verify_targets(root: Root, cfg: DadConfig, shards: list[int]) -> None:
+    """sha256 every cached shard training will read against its teach marker: corrupt targets are never
+    trained on (the error names the cells and the command that recomputes them)."""
+    from pipeline.cache import CacheCorruptError
+    from stages.teach import verify_cells
+
+    t0 = time.time()
+    for n, tfp in teacher_fps(cfg).items():
+        bad = verify_cells(root, n, tfp, shards, deep=True)
+        if bad:
+            listed = "; ".join(f"shard {shard_name(s)}: {why}" for s, why in sorted(bad.items())[:3])
+            raise CacheCorruptError(f"cached targets of teacher {n!r} are corrupt ({len(bad)} shard(s): {listed}): "
+                                    f"recompute them with `dad teach --verify --teacher {n}`, then rerun")
+    log.info("cached targets verified (%d shard(s) × %d teacher(s)) in %.1f s", len(shards), len(cfg.teachers),
+             time.time() - t0)
 
 
 def build_model(cfg: DadConfig):
@@ -76,7 +106,7 @@ def build_model(cfg: DadConfig):
     src = cfg.train.init_from
     if not src:
         return build_student(cfg.student.size, encoder_weights=cfg.student.encoder_weights)
-    if src.endswith((".pt", ".pth", ".ckpt")):
+    if _is_checkpoint_file(src):
         model, _ = load_checkpoint(src)
     else:
         from student.convert import student_from_depth_anything
@@ -84,6 +114,57 @@ def build_model(cfg: DadConfig):
         model = student_from_depth_anything(src)
     log.info("student initialised from %s (its architecture: %s)", src, model.config.encoder)
     return model
+
+
+def _is_checkpoint_file(src: str) -> bool:
+    return src.endswith((".pt", ".pth", ".ckpt"))
+
+
+def architecture(config) -> tuple:
+    """What decides whether weights fit: every parameter/buffer name and shape, and the tapped layers.
+
+    Built on the meta device: no memory, no weights, fast even for ViT-L.
+    """
+    from student.model import StudentModel
+
+    with torch.device("meta"):
+        model = StudentModel(config)
+    return tuple(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())), tuple(config.layers)
+
+
+def _source_config(src: str):
+    """The StudentConfig a checkpoint file or a Depth Anything directory holds (weights are not loaded)."""
+    import fsspec
+
+    from student.checkpoint import CheckpointError, config_from_dict
+
+    if _is_checkpoint_file(src):
+        try:
+            with fsspec.open(src, "rb") as f:
+                payload = torch.load(f, map_location="meta", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint {src} not found") from None
+        except Exception as err:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
+            raise CheckpointError(f"{src} is not a readable student checkpoint: {err}") from None
+        if not isinstance(payload, dict) or payload.get("format") != "dad.student":
+            raise CheckpointError(f"{src} is not a student checkpoint (dad.student format)")
+        return config_from_dict(payload["model_config"])
+    from student.convert import student_config_from_hf
+
+    with fsspec.open(f"{src.rstrip('/')}/config.json", "r") as f:
+        return student_config_from_hf(json.load(f))
+
+
+def check_compatible(cfg: DadConfig, src: str, what: str, advice: str = "") -> None:
+    """Refuse, before any worker starts, a checkpoint whose weights do not fit the configured student."""
+    from student.model import PRESETS, StudentConfig
+
+    found = architecture(_source_config(src))
+    if found != architecture(StudentConfig(**PRESETS[cfg.student.size])):
+        same = [k for k, p in PRESETS.items() if architecture(StudentConfig(**p)) == found]
+        hint = f"; it is a {same[0]!r} student: set student.size = {same[0]!r}" if same else ""
+        raise ValueError(f"{what} {src} is from an incompatible model: its weights do not fit the configured "
+                         f"student (student.size = {cfg.student.size!r}){hint}{advice}")
 
 
 def latest_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
@@ -111,6 +192,9 @@ def worker_loop(config: dict) -> None:
     from student.checkpoint import load_checkpoint, save_checkpoint
 
     model = build_model(cfg)
+    unused = freeze_unused(model)  # DDP needs every trainable parameter to get a gradient
+    if unused and rank == 0:
+        log.info("frozen (used by no forward pass): %s", ", ".join(unused))
     opt = make_optimizer(model, t.lr_encoder, t.lr_decoder, t.weight_decay)
     sched = make_scheduler(opt, t.warmup_steps, t.steps)
     start, history = 0, []
@@ -118,15 +202,20 @@ def worker_loop(config: dict) -> None:
     if resume:
         model_r, extra = load_checkpoint(resume[1])
         if model_r.config.to_dict() != model.config.to_dict():
-            raise ValueError(f"checkpoint {resume[1]} is a different model than this config builds")
+            raise ValueError(f"checkpoint {resume[1]} is from an incompatible model: it is not the model this "
+                             f"config builds; use --name NEW to start a new run")
         model.load_state_dict(model_r.state_dict())
         opt.load_state_dict(extra["optimizer"])
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
         start = int(extra["step"])
-        if root.exists("train", t.name, "metrics.jsonl"):
-            history = [json.loads(x) for x in root.read_bytes("train", t.name, "metrics.jsonl").decode().splitlines()]
+        if rank == 0 and root.exists("train", t.name, "metrics.jsonl"):
+            history = [json.loads(x) for x in root.read_bytes("train", t.name, "metrics.jsonl").decode().splitlines()
+                       if x.strip()]
             history = [h for h in history if h["step"] <= start]
+            root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", t.name, "metrics.jsonl")
+    elif rank == 0 and root.exists("train", t.name, "metrics.jsonl"):
+        root.remove("train", t.name, "metrics.jsonl")  # a crash before the first checkpoint: start the log over
     frozen = frozen_encoder(model).to(device) if t.feature_loss else None
     model.to(device)
     if world > 1:
@@ -137,23 +226,27 @@ def worker_loop(config: dict) -> None:
                       t.jitter, cfg.score.policy == "mix")
     selection, shard_rows = load_selection(root, cfg)
     stream = TargetStream(spec, selection, shard_rows)
-    counts = {s: len(r) for s, r in shard_rows.items()}
-    spe = steps_per_epoch(counts, cfg.run.seed, world, t.batch_size)
+    plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.run.seed, world, t.batch_size)
     step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, t.feature_loss)
     writer = _tensorboard(root, t.name) if rank == 0 else None
     step, t0, seen = start, time.time(), 0
+    usage = np.zeros(len(cfg.teachers), dtype=np.int64)  # teacher draws since the last log line
+    shards_read: dict[int, list[int]] = {}
     while step < t.steps:
-        epoch, skip = divmod(step, spe)
-        n = min(spe, skip + t.steps - step)
+        epoch, skip = plan.locate(step)
+        n = min(plan.steps(epoch), skip + t.steps - step)
+        shards_read[epoch] = stream.shards(epoch, rank, world)
         for batch in prefetch(stream.batches(epoch, rank, world, n, skip), t.prefetch):
             stats = train_step(model, batch, opt, sched, step_cfg, t.grad_clip, frozen, device, t.amp)
             step += 1
             seen += batch["image"].shape[0]
+            usage += np.bincount(batch["teacher"].numpy(), minlength=len(cfg.teachers))
             if rank != 0:
                 continue
             if step % t.log_every == 0 or step == t.steps:
                 record = {"step": step, "epoch": epoch, "samples_per_s": seen * world / (time.time() - t0), **stats,
-                          "teachers": np.bincount(batch["teacher"].numpy(), minlength=len(cfg.teachers)).tolist()}
+                          "teachers": usage.tolist()}
+                usage[:] = 0
                 history.append(record)
                 _log(root, t.name, history, writer, record)
             if step % t.checkpoint_every == 0 or step == t.steps:
@@ -161,13 +254,28 @@ def worker_loop(config: dict) -> None:
                 extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                          "torch_rng": torch.get_rng_state(), "fingerprint": config["fingerprint"]}
                 save_checkpoint(core, root.uri("train", t.name, f"ckpt-{step:07d}.pt"), extra=extra)
+                _prune_checkpoints(root, t.name)
                 if step == t.steps:
                     save_checkpoint(core, root.uri("train", t.name, "model.pt"))
     if writer:
         writer.close()
+    mine = {"rank": rank, "steps": step - start, "samples": seen, "shards": {str(e): s for e, s in shards_read.items()}}
+    ranks = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
     if rank == 0:
-        root.write_json({"steps": step, "steps_per_epoch": spe, "world": world, "resumed_from": start,
+        root.write_json({"steps": step, "steps_per_epoch": plan.steps(0), "world": world, "resumed_from": start,
+                         "rank_steps": [r["steps"] for r in ranks], "ranks": ranks,
                          "seconds": round(time.time() - t0, 2)}, "train", t.name, "summary.json")
+
+
+def _prune_checkpoints(root: Root, name: str) -> None:
+    steps = sorted(int(m.group(1)) for f in root.listdir("train", name) if (m := CKPT.match(f)))
+    for old in steps[:-KEEP_CHECKPOINTS]:
+        root.remove("train", name, f"ckpt-{old:07d}.pt")
 
 
 def _tensorboard(root: Root, name: str):
@@ -180,7 +288,14 @@ def _tensorboard(root: Root, name: str):
 
 
 def _log(root: Root, name: str, history: list[dict], writer, record: dict) -> None:
-    root.write_bytes("\n".join(json.dumps(h) for h in history).encode() + b"\n", "train", name, "metrics.jsonl")
+    line = json.dumps(record) + "\n"
+    if root.is_local:  # append; the file was truncated to the resumed step when training (re)started
+        path = root.path("train", name, "metrics.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+    else:  # object stores cannot append: rewrite the whole (small) log
+        root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, "metrics.jsonl")
     if writer is not None:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -197,10 +312,17 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
     root = Root(cfg.run.root)
     ledger, t = Ledger(root), cfg.train
     check_recorded(root, cfg, STAGE)
-    load_selection(root, cfg)  # fail early, with the command to run
+    # Fail early, with the command to run, before any worker starts.
+    _, shard_rows = load_selection(root, cfg)
+    EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.run.seed, t.workers, t.batch_size).locate(0)
+    if t.init_from:
+        check_compatible(cfg, t.init_from, "--init-from")
+    if latest := latest_checkpoint(root, t.name):
+        check_compatible(cfg, latest[1], "checkpoint", f"; train under a new name (--name NEW) or delete train/{t.name}")
     fp = train_fingerprint(cfg)
     if ledger.is_done(STAGE, t.name, "final", fp) and (latest_checkpoint(root, t.name) or (0,))[0] >= t.steps:
         return {"stage": STAGE, "name": t.name, "steps": t.steps, "skipped": True, "seconds": 0.0}
+    verify_targets(root, cfg, sorted(shard_rows))
     prior = ledger.markers(STAGE, t.name).get("run")
     if prior and fp not in prior and latest_checkpoint(root, t.name):
         raise ValueError(f"train/{t.name} holds checkpoints made with other settings; use --name NEW "
@@ -234,15 +356,30 @@ def _fit_on_ray(cfg: DadConfig, payload: dict, address: str | None) -> None:
         worker_loop, train_loop_config={**payload, "ray": True, "threads": threads},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"dad-{t.name}-{payload['fingerprint']}",
+        run_config=RunConfig(name=f"dad-{t.name}-{fingerprint([cfg.run.root, payload['fingerprint']])}",
                              storage_path=os.path.join(tempfile.gettempdir(), "dad-ray-train")))
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - show the worker's own error, not Ray's wrapper
+        raise RuntimeError(f"training failed: {_worker_error(err)}") from err
+
+
+def _worker_error(err: BaseException) -> str:
+    """The first failed worker's own exception (type and message), not Ray's wrapper around it."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        err = failures[rank]
         cause = err
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise RuntimeError(f"training failed: {type(cause).__name__}: {cause}".splitlines()[0]) from err
+        text = str(cause).strip()
+        # Ray's per-worker exception carries the formatted traceback; its last line is the error itself.
+        last = text.splitlines()[-1] if text else type(cause).__name__
+        return f"rank {rank}: {last}"
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def status(cfg: DadConfig, root: Root) -> list[dict]:

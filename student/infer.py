@@ -20,7 +20,7 @@ def to_batch(rgbs: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
     """uint8 (H,W,3) images → (B,3,h,w) float in [0,1] at `size` (bicubic, clamped)."""
     out = []
     for rgb in rgbs:
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0  # writable copy
         out.append(F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1))
     return torch.cat(out)
 

@@ -57,12 +57,12 @@ class ArgPool:
         return [table[i] for i in values.tolist()]
 
     def mesh_kwargs(self, vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, indices: np.ndarray) -> dict:
-        return dict(
-            vertices=self.rows("vertices", vertices),
-            normals=self.rows("normals", normals),
-            uvs=self.rows("uvs", uvs),
-            indices=self.ints(indices),
-        )
+        return {
+            "vertices": self.rows("vertices", vertices),
+            "normals": self.rows("normals", normals),
+            "uvs": self.rows("uvs", uvs),
+            "indices": self.ints(indices),
+        }
 
 
 _local = threading.local()

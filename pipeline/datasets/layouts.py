@@ -48,8 +48,9 @@ class Support:
     clutter_size: tuple[float, float]  # typical object size range (metres) on this support
 
     def contains(self, xy: np.ndarray, margin: float = 0.0) -> bool:
-        local = rot_z(-self.yaw)[:2, :2] @ (np.asarray(xy) - self.centre)
-        return bool(np.all(np.abs(local) <= self.half - margin))
+        c, s = np.cos(self.yaw), np.sin(self.yaw)
+        dx, dy = xy[0] - self.centre[0], xy[1] - self.centre[1]
+        return abs(c * dx + s * dy) <= self.half[0] - margin and abs(-s * dx + c * dy) <= self.half[1] - margin
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         return self.centre + rot_z(self.yaw)[:2, :2] @ (rng.uniform(-1, 1, 2) * self.half)

@@ -16,12 +16,10 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 
-def ray_elevation(K: np.ndarray, R: np.ndarray, size: int) -> np.ndarray:
-    """sin(elevation) of each pixel's viewing ray; R has camera axes as columns in world coordinates."""
-    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
-    rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)
-    world_z = rays @ R[2]  # z component of R @ ray
-    return world_z / np.linalg.norm(rays, axis=-1)
+def ray_elevation(K: np.ndarray, R: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """sin(elevation) of the viewing rays of the given pixels; R has camera axes as columns (world)."""
+    rays = np.stack([(cols - K[0, 2]) / K[0, 0], (rows - K[1, 2]) / K[1, 1], np.ones(len(rows))], -1)
+    return (rays @ R[2]) / np.sqrt((rays**2).sum(-1))
 
 
 def sky_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -37,30 +35,34 @@ def sky_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.array(horizon) * jitter, 0, 1), np.clip(np.array(zenith) * jitter, 0, 1)
 
 
-def sky(elev: np.ndarray, horizon: np.ndarray, zenith: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def sky(elev: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int, horizon: np.ndarray,
+        zenith: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3) sky colours for N pixels: a horizon-to-zenith gradient with soft clouds."""
     t = np.clip(elev, 0, 1) ** 0.5
-    img = horizon * (1 - t[..., None]) + zenith * t[..., None]
-    # soft clouds: smooth noise brightening the upper sky
-    h = elev.shape[0]
-    coarse = rng.random((6, 6))
-    clouds = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((h, h), Image.Resampling.BICUBIC))
-    clouds = np.clip((clouds / 255.0 - 0.55) * 2.5, 0, 1) * rng.uniform(0, 0.5) * t
-    return img * (1 - clouds[..., None]) + 0.97 * clouds[..., None]
+    img = horizon * (1 - t[:, None]) + zenith * t[:, None]
+    coarse = rng.random((6, 6))  # bilinear upsampling of a coarse random grid: soft blobs
+    gy, gx = rows / size * 5, cols / size * 5
+    y0, x0 = np.minimum(gy.astype(int), 4), np.minimum(gx.astype(int), 4)
+    fy, fx = gy - y0, gx - x0
+    blob = (coarse[y0, x0] * (1 - fy) * (1 - fx) + coarse[y0 + 1, x0] * fy * (1 - fx)
+            + coarse[y0, x0 + 1] * (1 - fy) * fx + coarse[y0 + 1, x0 + 1] * fy * fx)
+    clouds = np.clip((blob - 0.55) * 2.5, 0, 1) * rng.uniform(0, 0.5) * t
+    return img * (1 - clouds[:, None]) + 0.97 * clouds[:, None]
 
 
-def finish(rgb: np.ndarray, depth: np.ndarray, elev: np.ndarray, haze_m: float, outdoor: bool,
+def finish(img: np.ndarray, depth: np.ndarray, K: np.ndarray, R: np.ndarray, haze_m: float, outdoor: bool,
            rng: np.random.Generator) -> np.ndarray:
-    """Fill empty pixels (depth 0) with sky, and add aerial haze, from exact depth, outdoors."""
-    img = rgb.astype(np.float64) / 255.0
+    """Float RGB in [0, 1] -> uint8: aerial haze from exact depth outdoors, sky in empty pixels (depth 0)."""
     horizon, zenith = sky_colours(rng)
     if not outdoor:
         horizon = zenith = np.full(3, 0.9)
-    empty = depth <= 0
     if outdoor and np.isfinite(haze_m):
         a = np.exp(-depth / haze_m)[..., None]
         img = img * a + horizon * (1 - a)
-    if empty.any():
-        img[empty] = sky(elev, horizon, zenith, rng)[empty]
+    rows, cols = np.nonzero(depth <= 0)
+    if len(rows):
+        elev = ray_elevation(K, R, rows, cols)
+        img[rows, cols] = sky(elev, rows, cols, depth.shape[0], horizon, zenith, rng)
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -14,12 +14,21 @@ safe in multiprocessing pools and Ray workers) renders one camera. View ``seed``
 two renders). Depth is z along the optical axis in metres, ``z = f·n / (f − (f − n)·zbuf)``;
 0 marks pixels with no surface (sky).
 
+Lighting: TinyRenderer's directional light (random direction, colour, ambient/diffuse/specular),
+plus cast shadows from a second render from the sun or an indoor lamp and screen-space ambient
+occlusion, both computed from exact depth (``shading.py``); sky and aerial haze outdoors
+(``photometric.py``). TinyRenderer's own ``shadow=1`` is off: it drew no visible shadows here.
+
 Anti-aliasing choice: the renderer samples textures nearest-neighbour without mipmaps and has no
 edge anti-aliasing. ``supersample=2`` renders at 2x and averages RGB over 2x2 blocks (depth: the
 harmonic mean of the block's majority surface, exact for planes), which removes the shimmer on
-distant floors but costs about 4x. The default is ``supersample=1`` so a single process keeps the
-~20 images/s goal at 256²; textures are low-pass (256² tiles, Lanczos-resized) to limit aliasing.
-See ``bench/scenes_speed.py`` for measured rates of both settings.
+distant floors but costs about 4x, far outside the 20 images/s goal. The default is
+``supersample=1``; textures are Lanczos-resized 256² tiles, so close surfaces stay crisp and only
+distant, strongly minified ones shimmer. ``bench/scenes_speed.py`` measures both.
+
+Memory: pybullet 3.2.7 leaks what ``createVisualShape`` is given; ``bullet_args`` removes most of it,
+about 0.4-0.7 MB per scene remains inside pybullet. Pools (``processes > 1``) restart workers every
+``RECYCLE_AFTER_SCENES`` scenes; long single-process runs should use a pool or short-lived workers.
 """
 
 from __future__ import annotations
@@ -41,8 +50,8 @@ from pipeline.datasets.props import build_mesh
 from pipeline.datasets.textures import texture_files
 
 RECYCLE_AFTER_SCENES = 256  # pool workers restart after this many scenes: bounds pybullet's native leak
-MIN_OBJECT_PIXELS = 0.0005
-SHADOW_MAP_SIZE = 192  # fraction of the image an object must cover to count as "in view"
+MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"
+SHADOW_MAP_SIZE = 160  # pixels of the light's view used for cast shadows
 
 
 @dataclass
@@ -154,21 +163,21 @@ def _light(rng: np.random.Generator, scene: Scene, cam: Camera) -> Light:
     if scene.lamp is not None:
         to_light = scene.lamp - (cam.eye + 2.0 * cam.R[:, 2])
         to_light /= np.linalg.norm(to_light)
-        strength = float(rng.uniform(0.25, 0.55))
+        strength = float(rng.uniform(0.25, 0.55)) if rng.random() < 0.7 else 0.0  # else: diffuse light
     else:
         elev, azim = np.radians(rng.uniform(20, 75)), rng.uniform(0, 2 * np.pi)
         to_light = np.array([np.cos(elev) * np.cos(azim), np.cos(elev) * np.sin(azim), np.sin(elev)])
-        strength = float(rng.uniform(0.35, 0.6) if rng.random() < 0.8 else rng.uniform(0.05, 0.2))  # sun / overcast
+        strength = float(rng.uniform(0.35, 0.6)) if rng.random() < 0.75 else 0.0  # sun / overcast
     warmth = rng.uniform(-0.12, 0.12)
-    kwargs = dict(
-        lightDirection=to_light.tolist(),
-        lightColor=[float(1 + warmth), 1.0, float(1 - warmth)],
-        lightDistance=10.0,
-        lightAmbientCoeff=float(rng.uniform(0.45, 0.7)),
-        lightDiffuseCoeff=float(rng.uniform(0.35, 0.6)),
-        lightSpecularCoeff=float(rng.uniform(0.0, 0.3)),
-        shadow=0,  # TinyRenderer's own shadows: no visible effect here, twice the cost (see shading.py)
-    )
+    kwargs = {
+        "lightDirection": to_light.tolist(),
+        "lightColor": [float(1 + warmth), 1.0, float(1 - warmth)],
+        "lightDistance": 10.0,
+        "lightAmbientCoeff": float(rng.uniform(0.45, 0.7)),
+        "lightDiffuseCoeff": float(rng.uniform(0.35, 0.6)),
+        "lightSpecularCoeff": float(rng.uniform(0.0, 0.3)),
+        "shadow": 0,  # TinyRenderer's own shadows: no visible effect here, twice the cost (see shading.py)
+    }
     return Light(kwargs, to_light, scene.lamp, strength)
 
 
@@ -178,7 +187,7 @@ def _shade(client: _Client, cam: Camera, light: Light, depth: np.ndarray, K: np.
     valid = depth > 0
     if light.shadow_strength > 0 and valid.any():
         points = shading.camera_points(depth, K, cam)
-        light_cam = (shading.lamp_camera(light.lamp) if light.lamp is not None
+        light_cam = (shading.lamp_camera(light.lamp, points[valid]) if light.lamp is not None
                      else shading.sun_camera(points[valid], light.to_light))
         _, light_depth, _ = client.render(light_cam, SHADOW_MAP_SIZE, {})
         shade *= 1 - light.shadow_strength * shading.shadow_mask(points, valid, light_cam, light_depth)
@@ -186,12 +195,12 @@ def _shade(client: _Client, cam: Camera, light: Light, depth: np.ndarray, K: np.
 
 
 def _downsample(rgb, depth, groups, s: int):
-    """Average RGB over s×s blocks; depth = harmonic mean over the block's majority surface."""
+    """Average (float) RGB over s×s blocks; depth = harmonic mean over the block's majority surface."""
     if s == 1:
         return rgb, depth, groups
     h = rgb.shape[0] // s
     blocks = lambda a: a.reshape(h, s, h, s, *a.shape[2:]).swapaxes(1, 2).reshape(h, h, s * s, *a.shape[2:])
-    rgb_lo = (blocks(rgb.astype(np.float64)).mean(axis=2) + 0.5).astype(np.uint8)
+    rgb_lo = blocks(rgb).mean(axis=2)
     g, z = blocks(groups), blocks(depth)
     counts = (g[..., :, None] == g[..., None, :]).sum(-1)
     major = np.take_along_axis(g, counts.argmax(-1)[..., None], -1)[..., 0]
@@ -208,14 +217,13 @@ def _view(client: _Client, seed: int, size: int, augment: bool, supersample: int
     rng = np.random.default_rng([seed, 11])
     light = _light(rng, scene, cam)
     rgb, depth, groups = client.render(cam, size * supersample, light.renderer_kwargs)
-    rgb = shading.apply(rgb, _shade(client, cam, light, depth, intrinsics(cam.fov_deg, size * supersample)))
-    rgb, depth, groups = _downsample(rgb, depth, groups, supersample)
+    shade = _shade(client, cam, light, depth, intrinsics(cam.fov_deg, size * supersample))
+    img, depth, groups = _downsample(rgb * (shade / 255)[..., None], depth, groups, supersample)
     K = intrinsics(cam.fov_deg, size, supersample)
-    elev = photometric.ray_elevation(K, cam.R, size)
-    rgb = photometric.finish(rgb, depth, elev, scene.haze_m, scene.sky, rng)
+    rgb = photometric.finish(img, depth, K, cam.R, scene.haze_m, scene.sky, rng)
     if augment:
         rgb = photometric.augment(rgb, np.random.default_rng([seed, 12]))
-    ids, counts = np.unique(groups[groups > 0], return_counts=True)
+    _, counts = np.unique(groups[groups > 0], return_counts=True)
     floor_mask = groups == 0
     return View(
         rgb=rgb,

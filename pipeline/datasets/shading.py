@@ -19,7 +19,6 @@ Both change RGB only; depth stays exact.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.datasets.layouts import Camera, look
 
@@ -34,6 +33,7 @@ def camera_points(depth: np.ndarray, K: np.ndarray, cam: Camera) -> np.ndarray:
 
 def sun_camera(points: np.ndarray, to_light: np.ndarray) -> Camera:
     """A distant narrow camera looking along -to_light that covers the given world points."""
+    points = points[:: max(1, len(points) // 4000)]  # a subsample locates the view's footprint well enough
     centre = np.median(points, axis=0)
     radius = float(np.clip(np.percentile(np.linalg.norm(points - centre, axis=1), 98), 0.5, 80.0)) * 1.1
     dist = 8 * radius + 20
@@ -43,9 +43,19 @@ def sun_camera(points: np.ndarray, to_light: np.ndarray) -> Camera:
     return look(centre + to_light * dist, azim, pitch, 0.0, fov, dist - 4 * radius, dist + 4 * radius)
 
 
-def lamp_camera(lamp: np.ndarray) -> Camera:
-    """A wide camera at an indoor lamp looking straight down."""
-    return look(lamp, 0.0, -89.9, 0.0, 150.0, 0.02, 30.0)
+def lamp_camera(lamp: np.ndarray, points: np.ndarray) -> Camera:
+    """A camera at an indoor lamp aimed at (and just wide enough for) the given world points."""
+    points = points[:: max(1, len(points) // 4000)]
+    rays = points - lamp
+    rays = rays[np.linalg.norm(rays, axis=1) > 1e-3]
+    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    axis = rays.mean(axis=0)
+    axis /= np.linalg.norm(axis)
+    spread = float(np.degrees(np.arccos(np.clip(np.percentile(rays @ axis, 1), -1, 1))))
+    fov = float(np.clip(2 * spread * 1.1, 10.0, 140.0))
+    yaw = float(np.degrees(np.arctan2(axis[1], axis[0])))
+    pitch = float(np.clip(np.degrees(np.arcsin(axis[2])), -89.9, 89.9))
+    return look(lamp, yaw, pitch, 0.0, fov, 0.02, 30.0)
 
 
 def shadow_mask(points: np.ndarray, valid: np.ndarray, light_cam: Camera, light_depth: np.ndarray) -> np.ndarray:
@@ -58,24 +68,41 @@ def shadow_mask(points: np.ndarray, valid: np.ndarray, light_cam: Camera, light_
     safe_z = np.where(ok, z, 1.0)
     u = f * local[..., 0] / safe_z + n / 2
     v = f * local[..., 1] / safe_z + n / 2 - 1
-    bias = 0.01 + 0.01 * z + 1.5 * z / f  # about one texel of the shadow map, plus a little
-    ui, vi = np.round(u).astype(np.int64), np.round(v).astype(np.int64)
-    inside = ok & (ui >= 0) & (ui < n) & (vi >= 0) & (vi < n)
-    seen = light_depth[np.clip(vi, 0, n - 1), np.clip(ui, 0, n - 1)]
+    # slope-scaled bias: how much the light's depth changes across one shadow-map texel there
+    pad = np.pad(light_depth, 1, mode="edge")
+    slope = np.maximum.reduce([np.abs(pad[1:-1, 2:] - light_depth), np.abs(pad[1:-1, :-2] - light_depth),
+                               np.abs(pad[2:, 1:-1] - light_depth), np.abs(pad[:-2, 1:-1] - light_depth)])
+    ui, vi = np.clip(np.round(u).astype(np.int64), 0, n - 1), np.clip(np.round(v).astype(np.int64), 0, n - 1)
+    inside = ok & (np.abs(u - n / 2 + 0.5) < n / 2) & (np.abs(v - n / 2 + 0.5) < n / 2)
+    seen = light_depth[vi, ui]
+    bias = 0.005 + 0.005 * z + 1.5 * slope[vi, ui]
     occluded = (inside & (seen > 0) & (z > seen + bias)).astype(np.float64)
-    return ndimage.uniform_filter(occluded, 3)  # soft edges
+    return box_mean(occluded, 3)  # soft edges
+
+
+def box_mean(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a size x size window (zero outside the image), via integral images: O(pixels)."""
+    h, w = a.shape
+    r = size // 2
+    c = np.zeros((h + 1, w + 1))
+    c[1:, 1:] = np.cumsum(np.cumsum(a, axis=0), axis=1)
+    y0, y1 = np.clip(np.arange(h) - r, 0, h), np.clip(np.arange(h) + r + 1, 0, h)
+    x0, x1 = np.clip(np.arange(w) - r, 0, w), np.clip(np.arange(w) + r + 1, 0, w)
+    total = c[y1][:, x1] - c[y0][:, x1] - c[y1][:, x0] + c[y0][:, x0]
+    return total / (size * size)
 
 
 def ambient_occlusion(depth: np.ndarray, strength: float = 0.35) -> np.ndarray:
-    """Multiplicative darkening in [1 - strength, 1] from how much nearer the neighbourhood is."""
+    """Multiplicative darkening in [1 - strength, 1] from how much nearer the neighbourhood is.
+
+    The neighbourhood average is taken at half resolution (occlusion varies slowly), the comparison
+    at full resolution so edges stay sharp.
+    """
     valid = depth > 0
     inv = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0)  # inverse depth: far things matter little
-    size = max(3, depth.shape[0] // 24)
-    weight = ndimage.uniform_filter(valid.astype(np.float64), size)
-    local = ndimage.uniform_filter(inv, size) / np.maximum(weight, 1e-6)
+    half_inv, half_valid = inv[::2, ::2], valid[::2, ::2].astype(np.float64)
+    size = max(3, depth.shape[0] // 48) | 1
+    local = box_mean(half_inv, size) / np.maximum(box_mean(half_valid, size), 1e-6)
+    local = np.repeat(np.repeat(local, 2, axis=0), 2, axis=1)[: depth.shape[0], : depth.shape[1]]
     occlusion = np.clip((local - inv) / np.maximum(inv, 1e-6) * 4.0, 0.0, 1.0)
     return np.where(valid, 1.0 - strength * occlusion, 1.0)
-
-
-def apply(rgb: np.ndarray, shade: np.ndarray) -> np.ndarray:
-    return np.clip(rgb.astype(np.float64) * shade[..., None] + 0.5, 0, 255).astype(np.uint8)

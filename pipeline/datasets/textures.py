@@ -19,11 +19,11 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import inspect
-import sys
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image
@@ -212,7 +212,7 @@ def texture_sources() -> list[str]:
     return sorted({t.source for t in texture_bank()})
 
 
-@lru_cache(maxsize=None)
+@cache
 def textures_for(role: str) -> tuple[Texture, ...]:
     return tuple(t for t in texture_bank() if role in t.roles)
 

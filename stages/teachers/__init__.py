@@ -25,6 +25,7 @@ BUILTIN = {
     "hf": "stages.teachers.hf:HFTeacher",
     "checkpoint": "stages.teachers.checkpoint:CheckpointTeacher",
     "pixel": "stages.teachers.pixel:PixelTeacher",
+    "diffusers": "stages.teachers.diffusers:DiffusersTeacher",
 }
 
 

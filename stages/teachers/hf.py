@@ -48,6 +48,8 @@ def parse_model_ref(model: str, revision: str | None = None) -> ModelRef:
     """'org/name', 'org/name@rev', a local directory or file:// URL → ModelRef (no network)."""
     if model.startswith("file://"):
         model = model[len("file://"):]
+    if not model.strip():
+        raise ValueError("hf teacher: empty model reference (expected 'org/name[@revision]' or a local directory)")
     if Path(model).expanduser().exists() or model.startswith(("/", "./", "../", "~")):
         path = str(Path(model).expanduser())
         if not Path(path).is_dir():

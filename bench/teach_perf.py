@@ -1,0 +1,240 @@
+"""Teach-stage benchmarks (issue #3): P1 efficiency, P4 cache bytes, P5 actor scaling.
+
+    python -m bench.teach_perf [--quick]
+
+The teacher is a `checkpoint` teacher (a tiny student of this project with fixed random weights: real
+ViT + DPT compute, no download) on real photographs from scikit-image, cropped by the real shard stage.
+Every image the teacher sees counts: per sample the global input plus K local inputs.
+
+* P1_teach_efficiency — pipeline images/s ÷ bare `teacher.predict` images/s on the same inputs, batch
+  size, device and torch threads (1). "Pipeline" is the stage's per-shard processing: the sum of the
+  `seconds` its markers record (read + decode the shard, build inputs, predict, resample, write the
+  Zarr shard). The detail also gives the whole inline stage (plus model load and cache creation) and
+  the whole Ray stage with one actor (plus actor start and model load, minus `ray.init`).
+* P4_cache_bytes_ratio — bytes of every file under cache/<teacher>/ per sample ÷ float32 bytes of the
+  same maps ((G² + K·L²) × 4).
+* P5_teach_scaling — images/s with 2 actors ÷ with 1 actor (torch_threads = 1, num_cpus = 0.5 per
+  actor, 2-CPU local Ray cluster). Throughput over the span from the first shard's start to the last
+  shard's end (from the markers); the detail also gives whole-stage wall-clock throughput and the
+  machine's own ceiling right after: 2 plain processes running the bare teacher ÷ 1 (no Ray) — on a
+  shared 2-core machine other load caps both.
+
+Timings on a shared machine are noisy: each measure is repeated and the best run kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "camera", "moon", "coins",
+          "immunohistochemistry", "retina", "clock", "cell", "brick", "grass", "gravel", "colorwheel")
+
+
+def _photos(folder: Path, n: int) -> Path:
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if i // len(PHOTOS) % 2:
+            arr = arr[:, ::-1]  # a flipped copy is a different sample
+        Image.fromarray(np.ascontiguousarray(arr[..., :3])).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _config(root: Path, src: Path, ckpt: Path, sizes: dict, shard_size: int, executor: str, **teacher):
+    from pipeline.config import load_config
+
+    tcfg = {"adapter": "checkpoint", "model": str(ckpt), "input_size": sizes["global_size"], "batch_size": 4,
+            "torch_threads": 1, **teacher}
+    return load_config(raw={"run": {"root": str(root), "executor": executor, "num_cpus": 2},
+                            "corpus": {"sources": [str(src)], "shard_size": shard_size},
+                            "crops": sizes, "teachers": {"ckpt": tcfg}})
+
+
+def _reset(root: Path) -> None:
+    for sub in ("cache", "ledger/teach", "ledger/locks"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+
+
+def _markers(root: Path, teacher: str) -> list[dict]:
+    folder = root / "ledger" / "teach" / teacher
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def _bare_seconds(cfg, name: str) -> tuple[float, int]:
+    """teacher.predict alone on the exact inputs and batches the stage uses (inputs prepared beforehand)."""
+    import torch
+
+    from pipeline.corpus import iter_shard, shard_ids
+    from pipeline.storage import Root
+    from stages.teach import sample_inputs, to_tensor
+    from stages.teachers import build_teacher
+
+    tcfg, c, root = cfg.teachers[name], cfg.crops, Root(cfg.run.root)
+    torch.set_num_threads(tcfg.torch_threads or torch.get_num_threads())
+    teacher = build_teacher(name, tcfg).to("cpu")
+    batches = []
+    for s in shard_ids(root):
+        globals_, locals_ = [], []
+        for record, region in iter_shard(root, s):
+            g, locs = sample_inputs(region, record["boxes"], c.global_size, c.patch)
+            globals_.append(g)
+            locals_.extend(locs)
+        for images in (globals_, locals_):
+            batches += [to_tensor(images[i:i + tcfg.batch_size]) for i in range(0, len(images), tcfg.batch_size)]
+    teacher.predict(batches[0])  # warm-up (allocator, kernels), as the pipeline's first batch is not timed apart
+    t0 = time.perf_counter()
+    for b in batches:
+        teacher.predict(b)
+    return time.perf_counter() - t0, sum(len(b) for b in batches)
+
+
+def _predict_loop(ckpt: str, side: int, batches: int, start, out) -> None:
+    """One process: the bare teacher on `batches` batches of 4 (1 torch thread), timed after a barrier."""
+    import torch
+
+    from pipeline.config import TeacherCfg
+    from stages.teachers import build_teacher
+
+    torch.set_num_threads(1)
+    teacher = build_teacher("t", TeacherCfg(adapter="checkpoint", model=ckpt, input_size=side))
+    x = torch.rand(4, 3, side, side)
+    teacher.predict(x)
+    start.wait()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        teacher.predict(x)
+    out.put(time.perf_counter() - t0)
+
+
+def _machine_scaling(ckpt: Path, side: int, batches: int) -> dict:
+    """The ceiling for P5 on this machine right now: 2 plain processes ÷ 1, same teacher, no Ray."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rate = {}
+    for procs in (1, 2):
+        start, out = ctx.Barrier(procs + 1), ctx.Queue()
+        workers = [ctx.Process(target=_predict_loop, args=(str(ckpt), side, batches, start, out)) for _ in range(procs)]
+        for w in workers:
+            w.start()
+        start.wait()
+        secs = [out.get() for _ in workers]
+        for w in workers:
+            w.join()
+        rate[procs] = procs * batches * 4 / max(secs)
+    return {"ratio": round(rate[2] / rate[1], 4), "images_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run(quick: bool = False) -> dict:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import torch
+
+    from pipeline.config import RunCfg
+    from pipeline.runtime import init_ray, shutdown_ray
+    from stages import shard, teach
+    from student.checkpoint import save_checkpoint
+    from student.model import build_student
+
+    n_images, shard_size, reps = (16, 4, 2) if quick else (32, 4, 3)
+    sizes = ({"min_region": 196, "patch": 168, "global_size": 168, "local_store": 112, "local_count": 4} if quick
+             else {"min_region": 288, "patch": 252, "global_size": 252, "local_store": 176, "local_count": 4})
+    G, L, K = sizes["global_size"], sizes["local_store"], sizes["local_count"]
+    tmp = Path(tempfile.mkdtemp(prefix="dad-bench-teach-"))
+    results: dict = {}
+    try:
+        src = _photos(tmp / "src", n_images)
+        torch.manual_seed(0)
+        ckpt = tmp / "teacher.pt"
+        save_checkpoint(build_student("tiny").eval(), str(ckpt))
+        root = tmp / "root"
+        cfg = _config(root, src, ckpt, sizes, shard_size, "inline")
+        shard.run(cfg)
+        images_per_run = n_images * (1 + K)
+
+        # -- P1: per-shard processing vs bare predict, interleaved, best of `reps` ----------------
+        bare, pipe, stage_wall = [], [], []
+        for _ in range(reps):
+            secs, count = _bare_seconds(cfg, "ckpt")
+            assert count == images_per_run
+            bare.append(secs)
+            _reset(root)
+            summary = teach.run(cfg)
+            pipe.append(sum(m["seconds"] for m in _markers(root, "ckpt")))
+            stage_wall.append(summary["seconds"])
+        b, p, w = min(bare), min(pipe), min(stage_wall)
+
+        # -- P4: stored bytes per sample ÷ float32 bytes of the same maps ---------------------------
+        stored = _dir_bytes(root / "cache" / "ckpt") / n_images
+        raw = (G * G + K * L * L) * 4
+        arrays_only = sum(_dir_bytes(root / "cache" / "ckpt" / a) for a in ("global", "local")) / n_images
+        results["P4_cache_bytes_ratio"] = {
+            "value": round(stored / raw, 4), "unit": "ratio", "goal": "<= 0.30",
+            "detail": {"stored_bytes_per_sample": round(stored), "float32_bytes_per_sample": raw,
+                       "prediction_arrays_only_ratio": round(arrays_only / raw, 4),
+                       "masks_and_metadata_bytes_per_sample": round(stored - arrays_only),
+                       "G": G, "L": L, "K": K, "samples": n_images,
+                       "codec": "float16, Blosc zstd level 5 + byte shuffle, 1 sample per chunk"}}
+
+        # -- P5 (and P1's Ray-stage figure): 1 vs 2 actors on a 2-CPU local cluster ------------------
+        init_ray(RunCfg(root=str(root), num_cpus=2))
+        ray_runs: dict[int, list[dict]] = {1: [], 2: []}
+        for _ in range(max(1, reps - 1)):
+            for actors in (1, 2):
+                rcfg = _config(root, src, ckpt, sizes, shard_size, "ray", actors=actors, num_cpus=0.5)
+                _reset(root)
+                t0 = time.perf_counter()
+                teach.run(rcfg)
+                wall = time.perf_counter() - t0
+                marks = _markers(root, "ckpt")
+                span = max(m["finished"] for m in marks) - min(m["finished"] - m["seconds"] for m in marks)
+                ray_runs[actors].append({"wall": wall, "span": span})
+        shutdown_ray()
+        ceiling = _machine_scaling(ckpt, G, batches=images_per_run // 8)
+        best = {a: min(r["span"] for r in runs) for a, runs in ray_runs.items()}
+        best_wall = {a: min(r["wall"] for r in runs) for a, runs in ray_runs.items()}
+
+        results["P1_teach_efficiency"] = {
+            "value": round(b / p, 4), "unit": "ratio", "goal": ">= 0.95",
+            "detail": {"images": images_per_run, "batch_size": 4, "device": "cpu", "torch_threads": 1,
+                       "teacher": f"checkpoint (tiny student), input {G}px",
+                       "bare_predict_images_per_s": round(images_per_run / b, 2),
+                       "pipeline_per_shard_images_per_s": round(images_per_run / p, 2),
+                       "inline_stage_ratio_incl_model_load": round(b / w, 4),
+                       "ray_stage_1_actor_ratio_incl_actor_start": round(b / best_wall[1], 4),
+                       "runs_s": {"bare": [round(x, 2) for x in bare], "per_shard": [round(x, 2) for x in pipe],
+                                  "inline_stage": [round(x, 2) for x in stage_wall]}}}
+        results["P5_teach_scaling"] = {
+            "value": round(best[1] / best[2], 4), "unit": "ratio", "goal": ">= 1.7",
+            "detail": {"images": images_per_run, "actor_num_cpus": 0.5, "torch_threads": 1, "cluster_cpus": 2,
+                       "images_per_s_1_actor": round(images_per_run / best[1], 2),
+                       "images_per_s_2_actors": round(images_per_run / best[2], 2),
+                       "whole_stage_ratio_incl_actor_start": round(best_wall[1] / best_wall[2], 4),
+                       "machine_ceiling_2_vs_1_plain_processes": ceiling,
+                       "runs_s": {str(a): [{k: round(v, 2) for k, v in r.items()} for r in runs]
+                                  for a, runs in ray_runs.items()},
+                       "load_average_1min": round(os.getloadavg()[0], 2)}}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))

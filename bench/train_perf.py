@@ -1,0 +1,236 @@
+"""Train-stage benchmarks (issue #6): `python -m bench.train_perf [--quick]`.
+
+* `P2_ingest_efficiency` — steps/s of the training loop streaming from the run root (tar shards +
+  Zarr targets through `student.data.TargetStream` and the prefetch thread, exactly as
+  `stages/train.py` runs it) ÷ steps/s of the same loop over the same batches already held in memory.
+  Same student, optimizer and steps; best of `repeats` interleaved timings each (the machine is
+  shared). Goal ≥ 0.97.
+* `P3_cached_vs_online` — wall time of `dad teach` (both teachers, once) + 3 epochs of training from
+  the cache ÷ wall time of 3 epochs of the paper's online recipe, where every step runs both teachers
+  on the step's global input and its K local patches (PAPER §3.6) and then trains on the drawn
+  teacher's maps. Same student, data, draws and steps. The teachers are `checkpoint`-adapter tiny
+  students run at the student's input size (as the paper's teachers see the 560² global input and
+  560² local windows), so teacher inference has a real cost. Goal ≤ 0.45.
+
+Everything runs on one CPU thread for torch (plus the prefetch thread), on generated photo-like
+images, inline (no Ray), in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from train_fixtures import build_cached_run, live_student, stream_for  # noqa: E402
+
+from pipeline.corpus import iter_shard  # noqa: E402
+from pipeline.images import decode_trusted  # noqa: E402
+from stages.teach import predict_batched, resample, sample_inputs  # noqa: E402
+from student.checkpoint import load_checkpoint  # noqa: E402
+from student.data import EpochPlan, collate, draw_teacher, prefetch  # noqa: E402
+from student.trainer import StepConfig, freeze_unused, make_optimizer, make_scheduler, train_step  # noqa: E402
+
+SIZES = {  # (images, image size, crops, batch, steps timed for P2)
+    False: dict(n=32, size=(192, 144), crops=dict(min_region=112, patch=84, global_size=112, local_store=56),
+                batch=4, shard=8, p2_steps=8, repeats=3),
+    True: dict(n=12, size=(96, 72), crops=dict(min_region=56, patch=42, global_size=56, local_store=28),
+               batch=2, shard=4, p2_steps=4, repeats=2),
+}
+
+
+def _sizes(size: tuple[int, int]) -> tuple:
+    return size, (size[1] + 8, size[1] + 8), (size[1], size[0])
+
+
+def _corpus(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    from train_fixtures import write_photos
+
+    return write_photos(folder, n, sizes=_sizes(size))
+
+
+def _model(ckpt: str):
+    model, _ = load_checkpoint(ckpt)
+    freeze_unused(model)
+    return model
+
+
+def _trainer(cfg, ckpt: str):
+    t = cfg.train
+    model = _model(ckpt)
+    opt = make_optimizer(model, t.lr_encoder, t.lr_decoder, t.weight_decay)
+    sched = make_scheduler(opt, t.warmup_steps, 10_000)
+    step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, False)
+    return lambda batch: train_step(model, batch, opt, sched, step_cfg, t.grad_clip)
+
+
+def _time_loop(step, batches) -> tuple[float, int]:
+    n, t0 = 0, time.perf_counter()
+    for batch in batches:
+        step(batch)
+        n += 1
+    return time.perf_counter() - t0, n
+
+
+# -- P2 ------------------------------------------------------------------------------------------
+
+def bench_p2(folder: Path, quick: bool) -> dict:
+    p = SIZES[quick]
+    cfg = build_cached_run(folder / "p2", n_images=p["n"], shard_size=p["shard"], sizes=_sizes(p["size"]),
+                           images="photos", crops=p["crops"], train={"batch_size": p["batch"], "jitter": 0.1, "flip": True})
+    ckpt = str(folder / "p2" / "live.pt")
+    live_student(ckpt)
+    stream = stream_for(cfg)
+    plan = EpochPlan({s: len(r) for s, r in stream.shard_rows.items()}, cfg.run.seed, 1, p["batch"])
+    n = min(p["p2_steps"], plan.steps(1))
+    warm = _trainer(cfg, ckpt)
+    for b in list(stream.batches(0, 0, 1, 1)):  # warm-up: first-call costs (allocator, kernels)
+        warm(b)
+    streamed, memory = [], []
+    for _ in range(p["repeats"]):
+        held = list(stream.batches(1, 0, 1, n))  # epoch 1's batches, decoded and joined beforehand
+        memory.append(_time_loop(_trainer(cfg, ckpt), held)[0])
+        del held
+        streamed.append(_time_loop(_trainer(cfg, ckpt), prefetch(stream.batches(1, 0, 1, n),
+                                                                    cfg.train.prefetch))[0])
+    ratio = min(memory) / min(streamed)
+    return {"value": round(ratio, 3), "unit": "ratio", "goal": ">= 0.97",
+            "detail": {"steps": n, "batch": p["batch"], "global_size": cfg.crops.global_size,
+                       "prefetch": cfg.train.prefetch, "streaming_steps_per_s": round(n / min(streamed), 3),
+                       "in_memory_steps_per_s": round(n / min(memory), 3),
+                       "streaming_s": [round(x, 2) for x in streamed], "in_memory_s": [round(x, 2) for x in memory],
+                       "median_ratio": round(statistics.median(memory) / statistics.median(streamed), 3)}}
+
+
+# -- P3 ------------------------------------------------------------------------------------------
+
+class OnlineStream:
+    """The paper's online recipe: every step runs both teachers on its samples' global and local inputs.
+
+    Samples, order and teacher draws are those of the cached stream (same data and steps); decoding
+    runs ahead in the prefetch thread like the cached stream's, teacher inference runs in the step.
+    """
+
+    def __init__(self, cfg, cached_stream, teachers: list):
+        self.cfg, self.stream, self.teachers = cfg, cached_stream, teachers
+
+    def raw(self, epoch: int, n_steps: int):
+        s, c = self.stream, self.cfg.crops
+        bs = self.cfg.train.batch_size
+        items = []
+        for shard in s.shards(epoch, 0, 1):
+            records = {rec["row"]: (rec, img) for rec, img in iter_shard(s.spec.root, shard, decode=False)}
+            for row in s.order(shard, epoch):
+                rec, data = records[row]
+                region = decode_trusted(data)
+                glob, locs = sample_inputs(region, rec["boxes"], c.global_size, c.patch)
+                items.append((row, rec["boxes"], glob, locs))
+                if len(items) == bs:
+                    yield items
+                    items = []
+                    n_steps -= 1
+                    if n_steps == 0:
+                        return
+
+    def batch(self, items, epoch: int) -> dict:
+        c, bs = self.cfg.crops, len(items)
+        globs = [g for _, _, g, _ in items]
+        locs = [x for _, _, _, ls in items for x in ls]
+        preds = []
+        for teacher in self.teachers:  # both teachers, every step
+            g = predict_batched(teacher, globs, len(globs))
+            loc = predict_batched(teacher, locs, len(locs))
+            preds.append((resample(g.astype(np.float32), c.global_size),
+                          resample(loc.astype(np.float32), c.local_store).reshape(bs, c.local_count, c.local_store,
+                                                                                   c.local_store)))
+        out = []
+        for i, (row, boxes, glob, _) in enumerate(items):
+            t = draw_teacher(self.stream.selection[row], self.cfg.run.seed, epoch, row)
+            g, loc = preds[t][0][i], preds[t][1][i]
+            out.append({"image": torch.from_numpy(glob.astype(np.float32).transpose(2, 0, 1) / 255.0),
+                        "target": torch.from_numpy(g), "valid": torch.from_numpy(np.isfinite(g)),
+                        "locals": torch.from_numpy(loc), "local_valid": torch.from_numpy(np.isfinite(loc)),
+                        "boxes": torch.tensor(boxes, dtype=torch.float32), "teacher": torch.tensor(t),
+                        "row": torch.tensor(row)})
+        return collate(out)
+
+
+def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
+    import stages.score
+    import stages.teach
+    from stages.teachers import build_teacher
+
+    p = SIZES[quick]
+    folder = folder / "p3"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(("teacher_a", "teacher_b")):
+        live_student(folder / f"{name}.pt", seed=100 + i)
+    g = p["crops"]["global_size"]
+    teachers = {"a": {"adapter": "checkpoint", "model": str(folder / "teacher_a.pt"), "input_size": g,
+                      "batch_size": 8, "prior": 0.7},
+                "b": {"adapter": "checkpoint", "model": str(folder / "teacher_b.pt"), "input_size": g,
+                      "batch_size": 8, "prior": 0.3}}
+    # the cached recipe: shard (shared by both recipes, not timed), teach once, score, 3 epochs from the cache
+    import stages.shard
+    from pipeline.config import load_config
+    from train_fixtures import raw_config
+
+    src = _corpus(folder / "src", p["n"], p["size"])
+    cfg = load_config(raw=raw_config(folder / "root", src, teachers, p["shard"], crops=p["crops"],
+                                     train={"batch_size": p["batch"], "jitter": 0.0, "flip": False}))
+    stages.shard.run(cfg)
+    ckpt = str(folder / "student.pt")
+    live_student(ckpt, seed=7)
+    t0 = time.perf_counter()
+    stages.teach.run(cfg)
+    teach_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stages.score.run(cfg)
+    score_s = time.perf_counter() - t0
+    stream = stream_for(cfg)
+    plan = EpochPlan({s: len(r) for s, r in stream.shard_rows.items()}, cfg.run.seed, 1, p["batch"])
+    step = _trainer(cfg, ckpt)
+    cached_s, steps = 0.0, 0
+    for epoch in range(epochs):
+        dt, k = _time_loop(step, prefetch(stream.batches(epoch, 0, 1, plan.steps(epoch)), cfg.train.prefetch))
+        cached_s, steps = cached_s + dt, steps + k
+    # the online recipe: same student, samples, draws and steps; both teachers inside every step
+    t0 = time.perf_counter()
+    models = [build_teacher(n, cfg.teachers[n]) for n in ("a", "b")]  # loading them is part of the recipe
+    online_s, online_steps = time.perf_counter() - t0, 0
+    online = OnlineStream(cfg, stream, models)
+    step = _trainer(cfg, ckpt)
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for items in prefetch(online.raw(epoch, plan.steps(epoch)), cfg.train.prefetch):
+            step(online.batch(items, epoch))
+            online_steps += 1
+        online_s += time.perf_counter() - t0
+    assert online_steps == steps
+    ratio = (teach_s + cached_s) / online_s
+    return {"value": round(ratio, 3), "unit": "ratio", "goal": "<= 0.45",
+            "detail": {"epochs": epochs, "steps": steps, "samples": sum(len(r) for r in stream.shard_rows.values()),
+                       "batch": p["batch"], "global_size": g, "local_count": cfg.crops.local_count,
+                       "teach_s": round(teach_s, 2), "cached_train_s": round(cached_s, 2),
+                       "online_train_s": round(online_s, 2), "score_s": round(score_s, 2),
+                       "ratio_including_score": round((teach_s + score_s + cached_s) / online_s, 3)}}
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    import ray  # noqa: F401 - every stage imports Ray in a real run; keep its one-time import out of the timings
+    with tempfile.TemporaryDirectory(prefix="dad-train-bench-") as tmp:
+        return {"P2_ingest_efficiency": bench_p2(Path(tmp), quick),
+                "P3_cached_vs_online": bench_p3(Path(tmp), quick)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))

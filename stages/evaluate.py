@@ -1,0 +1,464 @@
+"""Eval stage: the standard zero-shot protocol for a student checkpoint or any configured teacher.
+
+`dad eval -c FILE (--checkpoint CKPT | --teacher NAME) [--dataset kind:PATH …] [--align SPACE]`
+writes, under the run root:
+
+    eval/<name>/metrics.json     per dataset: n, abs_rel, delta1–3, rmse (+ families, baselines, wins, protocol)
+    eval/<name>/per_sample.csv   one row per sample of every dataset (nothing is skipped silently)
+    eval/<name>/pictures/<dataset>_<id>.png   RGB | ground truth | aligned prediction | error
+
+`<name>` is the checkpoint's stem or `teacher-<name>` unless given. metrics.json is written last.
+
+The protocol (REFERENCE.md §5, DESIGN.md §8), per image, batch size 1 as Marigold's eval script:
+1. The RGB is resized so its short side is `eval.resolution` (sides multiples of 14, aspect kept,
+   bicubic: `student.infer`), the model predicts, and the prediction is resized back to the
+   ground-truth size with bilinear interpolation (Marigold `resample_method bilinear`; DAv2's
+   upsampling). Sparse GT (KITTI) is never filled or resized.
+2. Teacher outputs are converted to disparity (`pipeline.cache.as_disparity`: depth is inverted).
+3. Per-image least-squares scale and shift in `eval.align` space (`student.metrics`): `disparity`
+   = Marigold `least_square_disparity` scored in depth; `depth` = Marigold `least_square` (the
+   disparity prediction is inverted to depth first; non-positive disparity becomes a failed pixel);
+   `inverse_depth` = fit and score in 1/depth (Depth Anything, realeval README). Stereo-disparity
+   GT (realeval's Middlebury and KITTI-2015) is always fitted and scored in disparity.
+4. Clip to the dataset's depth range, score AbsRel, δ1–3, RMSE … on the valid pixels (range AND crop).
+5. Average per image, then over images; where a dataset has more than one `family` (realeval's
+   `group_family`, a folder dataset's sub-folders) the headline is the mean over families of the
+   per-family means, as the realeval README asks; the plain per-image mean is kept as `sample_mean`.
+
+Failures are scored, never skipped: a NaN/inf pixel counts as the worst admissible value, a flat
+prediction gets the flat least-squares fit (student/metrics.py). A sample with no valid GT pixel has
+no score (a data problem): it still gets its row in per_sample.csv and is counted in `n_no_gt`.
+
+Every dataset is also scored with the `constant` and `vertical_ramp` baselines
+(`student.metrics.baseline_predictions`) through exactly the same code, with per-image win counts of
+the model against each (by AbsRel), because a handful of real images cannot resolve small
+differences (SCENES.md).
+
+Deviations from the reference scripts, on purpose: one inference resolution for every dataset
+(Marigold runs NYU/KITTI/ScanNet at native size, ETH3D at 756, DIODE at 640); ETH3D's fit uses
+Marigold's `alignment_max_res` 1024.
+
+`evaluate(predict_fn, dataset, …)` is the pure core (no files): training validation, the report and
+ablations call it with any `(B,3,h,w) in [0,1] → (B,h,w) disparity` function.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import posixpath
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import fsspec
+import numpy as np
+import torch
+
+from pipeline.config import DadConfig
+from pipeline.datasets import EvalDataset, EvalSample, open_dataset
+from pipeline.storage import Root
+from student.infer import predict_disparity
+from student.metrics import METRIC_KEYS, align, align_disparity, baseline_predictions, evaluate_prediction
+
+log = logging.getLogger("dad.eval")
+STAGE = "eval"
+SUMMARY_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse")
+BASELINES = ("constant", "vertical_ramp")
+WIN_METRIC = "abs_rel"  # lower is better
+FIT_MAX_RES = {"eth3d": 1024}  # Marigold `alignment_max_res` per dataset (REFERENCE.md §5.3)
+ERROR_CAP = 0.5  # pictures: per-pixel relative error shown on [0, ERROR_CAP]
+CSV_COLUMNS = (["dataset", "id", "family", "gt_type", "height", "width", "n_valid", "space", "failure",
+                *METRIC_KEYS, "scale", "shift"]
+               + [f"{b}_{k}" for b in BASELINES for k in SUMMARY_KEYS]
+               + [f"vs_{b}" for b in BASELINES])
+
+PredictFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- one sample ----------------------------------------------------------------------------------
+
+def _fit_max_res(dataset: EvalDataset) -> int | None:
+    return FIT_MAX_RES.get(dataset.name)
+
+
+def gt_disparity(sample: EvalSample) -> np.ndarray:
+    """The sample's GT as disparity (1/depth, or the stereo disparity itself); 0 where invalid."""
+    valid = sample.valid & (sample.gt > 0)
+    if sample.gt_type == "disparity":
+        return np.where(valid, sample.gt, 0.0).astype(np.float32)
+    return np.where(valid, 1.0 / np.where(valid, sample.gt, 1.0), 0.0).astype(np.float32)
+
+
+def _fit_input(pred_disp: np.ndarray, sample: EvalSample, space: str) -> np.ndarray:
+    """What the least-squares fit sees: depth for depth-space alignment of depth GT, else disparity."""
+    if space == "depth" and sample.gt_type == "depth":
+        p = np.asarray(pred_disp, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(p > 0, 1.0 / p, np.nan)  # non-positive / NaN disparity → failed pixel
+    return np.asarray(pred_disp)
+
+
+def score_sample(pred_disp: np.ndarray, sample: EvalSample, space: str = "disparity",
+                 min_depth: float | None = None, max_depth: float | None = None,
+                 fit_max_res: int | None = None) -> dict:
+    """Score one disparity prediction already at GT size: METRIC_KEYS, scale, shift, n_valid, space, failure.
+
+    `failure` is "" (ok), "nonfinite" (no finite prediction on the valid pixels), "partial_nonfinite"
+    (some), or "constant" (flat: the least-squares scale is 0). Failures are scored, not skipped.
+    """
+    pred_disp = np.asarray(pred_disp)
+    if pred_disp.shape != sample.gt.shape:
+        raise ValueError(f"{sample.id}: prediction {pred_disp.shape} is not at the GT size {sample.gt.shape}")
+    fit_in = _fit_input(pred_disp, sample, space)
+    res = evaluate_prediction(fit_in, sample.gt, sample.gt_type, sample.valid, space=space, min_depth=min_depth,
+                              max_depth=max_depth, fit_max_res=fit_max_res)
+    used = sample.valid & (sample.gt > 0) & np.isfinite(sample.gt)
+    finite = np.isfinite(fit_in[used])
+    if used.any() and not finite.any():
+        failure = "nonfinite"
+    elif not finite.all():
+        failure = "partial_nonfinite"
+    elif used.any() and res["scale"] == 0.0:
+        failure = "constant"
+    else:
+        failure = ""
+    return {**res, "failure": failure}
+
+
+def _aligned_maps(pred_disp: np.ndarray, sample: EvalSample, space: str, min_depth: float | None,
+                  max_depth: float | None, fit_max_res: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For pictures: (GT, aligned prediction) as disparity-like maps (larger = nearer; NaN where unknown)
+    and the per-pixel relative error |a − t| / t in the space the sample is scored in."""
+    valid = sample.valid & (sample.gt > 0) & np.isfinite(sample.gt)
+    fit_in = _fit_input(pred_disp, sample, space)
+    if sample.gt_type == "disparity" or space == "inverse_depth":
+        target = gt_disparity(sample).astype(np.float64)
+        aligned = align_disparity(fit_in, target, valid, fit_max_res=fit_max_res).numpy()
+        lo, hi = 1e-3, math.inf
+        if sample.gt_type == "depth":
+            lo = max(1e-3, 1.0 / max_depth if max_depth else 0.0)
+            hi = 1.0 / min_depth if min_depth else math.inf
+        shown_pred, shown_gt = aligned, np.where(valid, target, np.nan)
+    else:
+        target = sample.gt.astype(np.float64)
+        aligned = align(fit_in, target, valid, space=space, fit_max_res=fit_max_res).numpy()
+        lo, hi = max(1e-6, min_depth or 0.0), (max_depth if max_depth is not None else math.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shown_pred = 1.0 / np.clip(aligned, lo, hi)
+        shown_gt = np.where(valid, 1.0 / np.where(valid, target, 1.0), np.nan)
+    scored = np.clip(aligned, lo, hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.where(valid, np.abs(scored - target) / np.where(valid, target, 1.0), np.nan)
+    err = np.where(valid & ~np.isfinite(err), np.inf, err)  # failed pixel: shown at the top of the scale
+    return shown_gt, shown_pred, err
+
+
+def render_picture(sample: EvalSample, pred_disp: np.ndarray, result: dict, space: str, dataset_label: str,
+                   min_depth: float | None = None, max_depth: float | None = None,
+                   fit_max_res: int | None = None) -> bytes:
+    """PNG: RGB | ground truth | aligned prediction | relative error. GT and prediction share one colour
+    scale (GT's 2–98 % range, disparity-like: warm = near); black = no ground truth / failed pixel."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import colorize, png_bytes
+
+    gt_show, pred_show, err = _aligned_maps(pred_disp, sample, space, min_depth, max_depth, fit_max_res)
+    vals = gt_show[np.isfinite(gt_show)]
+    lo, hi = (np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0))
+    panels = [sample.rgb, colorize(gt_show, lo, hi), colorize(pred_show, lo, hi),
+              colorize(np.where(np.isinf(err), ERROR_CAP, err), 0.0, ERROR_CAP, cmap="magma")]
+    h, w = sample.gt.shape
+    panel_h = 2.4
+    panel_w = min(panel_h * w / h, 6.0)
+    fig, axes = plt.subplots(1, 4, figsize=(4 * panel_w, panel_h + 0.5))
+    shown = "disparity" if sample.gt_type == "disparity" else "1/depth"
+    fit_space = "disparity" if sample.gt_type == "disparity" else space
+    titles = ["RGB", f"ground truth (as {shown})", f"prediction, LSQ-aligned in {fit_space}",
+              f"|error|/GT (0–{ERROR_CAP})  AbsRel {result['abs_rel']:.3f} δ1 {result['delta1']:.3f}"]
+    for ax, img, title in zip(axes, panels, titles):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{dataset_label} / {sample.id} ({sample.family})", fontsize=9)
+    return png_bytes(fig)
+
+
+# -- one dataset ---------------------------------------------------------------------------------
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def aggregate(rows: list[dict], prefix: str = "") -> dict:
+    """Per-image rows (with a valid score) → {n, SUMMARY_KEYS, sample_mean, families, mean_over}.
+
+    Headline = mean over families of per-family means when there is more than one family, else the
+    plain mean over images (REFERENCE.md §5.1 step 5; realeval README)."""
+    keys = [prefix + k for k in SUMMARY_KEYS]
+    sample_mean = {k: _mean(rows, pk) for k, pk in zip(SUMMARY_KEYS, keys)}
+    fams: dict[str, list[dict]] = {}
+    for r in rows:
+        fams.setdefault(r["family"], []).append(r)
+    families = {f: {"n": len(rs), **{k: _mean(rs, pk) for k, pk in zip(SUMMARY_KEYS, keys)}}
+                for f, rs in sorted(fams.items())}
+    out = {"n": len(rows)}
+    if len(families) > 1:
+        out.update({k: float(np.mean([v[k] for v in families.values()])) for k in SUMMARY_KEYS})
+        out["mean_over"] = "families"
+    else:
+        out.update(sample_mean)
+        out["mean_over"] = "samples"
+    out["sample_mean"] = sample_mean
+    out["families"] = families
+    return out
+
+
+def _versus(model: float, base: float) -> str:
+    if math.isclose(model, base, rel_tol=1e-9, abs_tol=1e-12):
+        return "tie"
+    return "win" if model < base else "loss"
+
+
+def _picture_indices(n: int, k: int) -> set[int]:
+    if k <= 0 or n <= 0:
+        return set()
+    return {int(i) for i in np.linspace(0, n - 1, min(k, n)).round()}
+
+
+def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "disparity", resolution: int = 518,
+             max_samples: int | None = None, pictures: int = 0,
+             on_picture: Callable[[str, bytes], None] | None = None, device: str | torch.device = "cpu",
+             label: str | None = None, on_sample: Callable[[dict], None] | None = None
+             ) -> tuple[list[dict], dict]:
+    """Evaluate `predict_fn` on one dataset; no files are written. Returns (per-sample rows, summary).
+
+    predict_fn: (B,3,h,w) float in [0,1] (h, w multiples of 14, short side `resolution`) →
+    (B,h',w') disparity (any size: it is resized to the GT bilinearly). `dataset`: an EvalDataset or
+    a `kind:PATH` spec. `max_samples` evaluates the first N only (recorded in the summary).
+    `pictures` (with `on_picture(file_stem, png_bytes)`) renders that many samples spread evenly over
+    the dataset. `on_sample(row)` is called after each sample (progress bars).
+    """
+    ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
+    label = label or ds.name
+    if resolution < 14 or resolution % 14:
+        raise ValueError(f"resolution must be a positive multiple of 14, got {resolution}")
+    n_listed = len(ds)
+    n = n_listed if max_samples is None else min(n_listed, int(max_samples))
+    fit_max_res = _fit_max_res(ds)
+    rng = (ds.min_depth, ds.max_depth)
+    want_pics = _picture_indices(n, pictures) if on_picture is not None else set()
+    rows: list[dict] = []
+    t0 = time.time()
+    for i in range(n):
+        sample = ds[i]
+        pred = predict_disparity(predict_fn, sample.rgb, resolution, device=device)
+        res = score_sample(pred, sample, align, *rng, fit_max_res)
+        row = {"dataset": label, "id": sample.id, "family": sample.family, "gt_type": sample.gt_type,
+               "height": int(sample.gt.shape[0]), "width": int(sample.gt.shape[1]), "n_valid": res["n_valid"],
+               "space": res["space"], "failure": res["failure"],
+               **{k: res[k] for k in METRIC_KEYS}, "scale": res["scale"], "shift": res["shift"]}
+        for b, base_pred in baseline_predictions(sample.gt.shape).items():
+            bres = score_sample(base_pred, sample, align, *rng, fit_max_res)
+            row.update({f"{b}_{k}": bres[k] for k in SUMMARY_KEYS})
+            row[f"vs_{b}"] = _versus(row[WIN_METRIC], row[f"{b}_{WIN_METRIC}"]) if res["n_valid"] else ""
+        if res["n_valid"] == 0:
+            row["failure"] = "no_valid_gt"
+        rows.append(row)
+        if i in want_pics and res["n_valid"]:
+            png = render_picture(sample, pred, res, align, label, *rng, fit_max_res)
+            on_picture(f"{safe_name(label)}_{safe_name(sample.id)}", png)
+        if on_sample is not None:
+            on_sample(row)
+    scored = [r for r in rows if r["n_valid"] > 0]
+    summary = {"dataset": label, **aggregate(scored)}
+    summary["baselines"] = {b: aggregate(scored, prefix=f"{b}_") for b in BASELINES}
+    summary["wins"] = {b: {plural: sum(r[f"vs_{b}"] == v for r in scored)
+                           for v, plural in (("win", "wins"), ("loss", "losses"), ("tie", "ties"))}
+                       for b in BASELINES}
+    summary["win_metric"] = WIN_METRIC
+    summary.update({
+        "n_listed": n_listed, "n_no_gt": len(rows) - len(scored), "skipped_by_loader": ds.skipped,
+        "max_samples": max_samples,
+        "failures": {f: sum(r["failure"] == f for r in rows)
+                     for f in ("nonfinite", "partial_nonfinite", "constant", "no_valid_gt")},
+        "protocol": {"align": align, "resolution": resolution,
+                     "fit": "per-image least-squares scale and shift", "resize": "bilinear to GT size",
+                     "depth_range": [ds.min_depth, ds.max_depth], "fit_max_res": fit_max_res,
+                     "stereo_disparity_gt": "fitted and scored in disparity",
+                     "average": "per image, then per family, then across families" if summary["mean_over"] == "families"
+                                else "per image, then over images"},
+        "seconds": round(time.time() - t0, 2),
+    })
+    return rows, summary
+
+
+# -- models --------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_predictor(checkpoint: str | None = None, teacher: str | None = None, cfg: DadConfig | None = None,
+                   device: str | None = None) -> tuple[PredictFn, str, dict]:
+    """(predict_fn returning disparity, default name, description) for a student checkpoint or a
+    configured teacher. A teacher gets the image at the evaluation resolution and applies its own
+    input rule (a `checkpoint` teacher with `input_size` = that resolution predicts at exactly it)."""
+    if bool(checkpoint) == bool(teacher):
+        raise ValueError("give exactly one of checkpoint or teacher")
+    device = device or default_device()
+    if checkpoint:
+        from student.checkpoint import load_checkpoint
+
+        path, stem = resolve_checkpoint(str(checkpoint))
+        model, _ = load_checkpoint(path, map_location=device)
+        model.eval()
+
+        def predict_fn(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model(x.to(device))
+
+        return predict_fn, safe_name(stem), {"checkpoint": path}
+    from pipeline.cache import as_disparity
+    from stages.teachers import build_teacher
+
+    if cfg is None or teacher not in cfg.teachers:
+        known = ", ".join(sorted(cfg.teachers)) if cfg else "none (no config)"
+        raise ValueError(f"teacher {teacher!r} is not configured (teachers: {known})")
+    t = build_teacher(teacher, cfg.teachers[teacher]).to(device)
+    space = t.spec.output_space
+
+    def predict_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = t.predict(x.to(device)).float().cpu().numpy()
+        return torch.from_numpy(as_disparity(out, space))
+
+    return predict_fn, safe_name(f"teacher-{teacher}"), {"teacher": teacher, **t.spec.as_attrs()}
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoint file, default name). A file is itself (name: its stem); a training folder
+    `train/<name>` means its final `model.pt`, else its newest `ckpt-*.pt` (name: the folder's)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    base = path.rstrip("/")
+    if not fs.isdir(p):
+        return path, posixpath.splitext(posixpath.basename(base))[0]
+    names = sorted(posixpath.basename(f.rstrip("/")) for f in fs.ls(p, detail=False))
+    ckpts = [n for n in names if re.fullmatch(r"ckpt-\d+\.pt", n)]
+    pick = "model.pt" if "model.pt" in names else (ckpts[-1] if ckpts else None)
+    if pick is None:
+        raise FileNotFoundError(f"{path} is a folder without model.pt or ckpt-*.pt")
+    return f"{base}/{pick}", posixpath.basename(base)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of an id or name (slashes and colons become '_')."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+def _json_clean(obj):
+    if isinstance(obj, float):  # strict JSON: NaN (no score) → null, an open depth range → "inf"
+        return obj if math.isfinite(obj) else (None if math.isnan(obj) else ("inf" if obj > 0 else "-inf"))
+    if isinstance(obj, dict):
+        return {k: _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    return obj
+
+
+def per_sample_csv(rows: Sequence[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue().encode()
+
+
+def print_table(name: str, results: dict[str, dict]) -> None:
+    """One row per (dataset, model | baseline): n, AbsRel, δ1, and the model's wins/losses/ties against
+    that baseline by per-image AbsRel. Narrow enough for an 80-column terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dad eval — {name}", caption="AbsRel lower is better, δ1 higher; "
+                  "W/L/T = images where the model beats / loses to / ties the baseline (AbsRel)")
+    for col, justify in (("dataset", "left"), ("predictions", "left"), ("n", "right"), ("AbsRel", "right"),
+                         ("δ1", "right"), ("model W/L/T", "right")):
+        table.add_column(col, justify=justify)
+
+    def f(v) -> str:
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+    for ds, m in results.items():
+        table.add_row(ds, f"[bold]{name}[/]", str(m["n"]), f(m["abs_rel"]), f(m["delta1"]), "")
+        for b in BASELINES:
+            bm, w = m["baselines"][b], m["wins"][b]
+            table.add_row("", b, str(bm["n"]), f(bm["abs_rel"]), f(bm["delta1"]),
+                          f"{w['wins']}/{w['losses']}/{w['ties']}")
+    Console().print(table)
+
+
+def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = None,
+        datasets: list[str] | None = None, name: str | None = None, **_: object) -> dict:
+    """Evaluate and write eval/<name>/. Without checkpoint and teacher (as `dad run` calls it) the run's
+    own trained student `train/<train.name>/model.pt` is evaluated as `<train.name>`; with no dataset
+    configured that call is skipped (an explicit `dad eval` without a dataset is an error)."""
+    t0 = time.time()
+    root = Root(cfg.run.root)
+    e = cfg.eval
+    specs = list(datasets or e.datasets)
+    if not checkpoint and not teacher:
+        if not specs:
+            return {"stage": STAGE, "skipped": "no eval.datasets configured"}
+        if not root.exists("train", cfg.train.name, "model.pt"):
+            raise FileNotFoundError(f"nothing to evaluate: no trained student train/{cfg.train.name}/model.pt in "
+                                    f"{root.url}; give --checkpoint CKPT or --teacher NAME")
+        checkpoint, name = root.uri("train", cfg.train.name, "model.pt"), name or cfg.train.name
+    if not specs:
+        raise ValueError("no evaluation datasets: pass --dataset kind:PATH or set eval.datasets in the config")
+    opened = [(spec, open_dataset(spec)) for spec in specs]  # fail on a bad spec before loading a model
+    predict_fn, default_name, model_info = load_predictor(checkpoint, teacher, cfg)
+    name = safe_name(name) if name else default_name
+    device = default_device()
+    from pipeline.runtime import progress
+
+    all_rows: list[dict] = []
+    results: dict[str, dict] = {}
+    for spec, ds in opened:
+        label = ds.name if ds.name not in results else f"{ds.name}-{len(results) + 1}"
+        n = len(ds) if e.max_samples is None else min(len(ds), e.max_samples)
+
+        def save_picture(stem: str, png: bytes) -> None:
+            root.write_bytes(png, "eval", name, "pictures", f"{stem}.png")
+
+        with progress(n, f"eval {name} on {label}") as bar:
+            task = bar.tasks[0].id
+            rows, summary = evaluate(predict_fn, ds, align=e.align, resolution=e.resolution,
+                                     max_samples=e.max_samples, pictures=e.pictures, on_picture=save_picture,
+                                     device=device, label=label, on_sample=lambda _row, bar=bar, task=task: bar.advance(task))
+        summary["spec"] = spec
+        results[label] = summary
+        all_rows.extend(rows)
+        log.info("eval %s on %s: n=%d AbsRel=%.4f δ1=%.4f", name, label, summary["n"], summary["abs_rel"],
+                 summary["delta1"])
+    root.write_bytes(per_sample_csv(all_rows), "eval", name, "per_sample.csv")
+    metrics = {"name": name, "model": model_info, "datasets": results,
+               "protocol": {"align": e.align, "resolution": e.resolution, "max_samples": e.max_samples},
+               "seconds": round(time.time() - t0, 2)}
+    root.write_json(_json_clean(metrics), "eval", name, "metrics.json")  # last: the completion marker
+    print_table(name, results)
+    out = {"stage": STAGE, "name": name, "path": root.uri("eval", name)}
+    for ds, m in results.items():
+        out.update({f"{ds}.n": m["n"], f"{ds}.abs_rel": _round(m["abs_rel"]), f"{ds}.delta1": _round(m["delta1"])})
+    out["seconds"] = round(time.time() - t0, 2)
+    return out
+
+
+def _round(v: float) -> float | None:
+    return round(v, 4) if math.isfinite(v) else None

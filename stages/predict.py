@@ -1,0 +1,162 @@
+"""`dad predict`: disparity maps for any images, with a student checkpoint or a configured teacher.
+
+Inputs are image files, folders (searched recursively for image extensions), globs or fsspec URLs
+(s3://bucket/dir/*.jpg). For every readable image `<stem>.<ext>` the output folder (any fsspec URL)
+gets
+    <stem>.npy        float32 (H, W) disparity at the image's original resolution (larger = nearer)
+    <stem>.png        the same, colour-mapped (pipeline.plots.colorize: perceptual, 2–98 % range)
+    <stem>_side.png   with --side-by-side: image | colour map
+Two inputs with the same stem get `<stem>-2`, `<stem>-3`, … (logged). Prediction is the evaluation
+path (student/infer.py): short side `resolution` at multiples of 14, bicubic, predict, bilinear back
+to the original size; images of the same size are batched. Files that cannot be read or decoded
+(`pipeline.images.decode_rgb`: corrupt, not an image, decompression bomb) are reported and skipped;
+they never stop the run. Teacher outputs are converted to disparity.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import time
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import DadConfig
+from pipeline.images import Rejected, decode_rgb, encode
+from pipeline.plots import colorize
+from pipeline.storage import Root
+from student.infer import processing_size, to_batch
+
+log = logging.getLogger("dad.predict")
+STAGE = "predict"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 40_000_000
+GLOB_CHARS = "*?["
+
+
+def expand_inputs(inputs: list[str], extensions=IMAGE_EXTS) -> tuple[list[str], list[dict]]:
+    """Images, folders, globs or URLs → (file URLs in order, [{input, reason}] for inputs that match nothing).
+
+    Explicit files are kept whatever their extension (decoding decides); folders and globs keep only
+    `extensions`. Duplicates are dropped."""
+    files, problems, seen = [], [], set()
+    for inp in inputs:
+        fs, path = fsspec.core.url_to_fs(inp)
+        keep_proto = "://" in inp
+        if any(c in path for c in GLOB_CHARS):
+            found = [p for p in sorted(fs.glob(path)) if not fs.isdir(p) and p.lower().endswith(extensions)]
+        elif fs.isdir(path):
+            found = [p for p in sorted(fs.find(path)) if p.lower().endswith(extensions)]
+        elif fs.exists(path):
+            found = [path]
+        else:
+            problems.append({"input": inp, "reason": "not found"})
+            continue
+        if not found:
+            problems.append({"input": inp, "reason": "no image files matched"})
+        for p in found:
+            u = fs.unstrip_protocol(p) if keep_proto else p
+            if u not in seen:
+                seen.add(u)
+                files.append(u)
+    return files, problems
+
+
+def unique_stems(urls: list[str]) -> list[str]:
+    stems, used = [], set()
+    for u in urls:
+        base = posixpath.splitext(posixpath.basename(u.rstrip("/")))[0] or "image"
+        stem, k = base, 1
+        while stem in used:
+            k += 1
+            stem = f"{base}-{k}"
+        if stem != base:
+            log.warning("%s: output name %r is taken, writing %r", u, base, stem)
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def predict_batch(predict_fn, rgbs: list[np.ndarray], resolution: int, device="cpu") -> list[np.ndarray]:
+    """Same-size uint8 images → float32 disparity maps at that size (one forward pass)."""
+    h, w = rgbs[0].shape[:2]
+    x = to_batch(rgbs, processing_size(h, w, resolution)).to(device)
+    with torch.no_grad():
+        pred = predict_fn(x).float()
+        pred = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    return [p.astype(np.float32) for p in pred.cpu().numpy()]
+
+
+def run(inputs: list[str], out_dir: str, checkpoint: str | None = None, teacher: str | None = None,
+        cfg: DadConfig | None = None, resolution: int = 518, side_by_side: bool = False,
+        batch_size: int = 4) -> dict:
+    from pipeline.runtime import console, progress
+    from stages.evaluate import default_device, load_predictor
+
+    t0 = time.time()
+    if resolution < 14 or resolution % 14:
+        raise ValueError(f"--resolution must be a positive multiple of 14, got {resolution}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    files, failures = expand_inputs(list(inputs))
+    for f in failures:
+        console.print(f"[yellow]skipped[/] {f['input']}: {f['reason']}")
+    if not files:
+        raise FileNotFoundError(f"no input images found in {list(inputs)}")
+    device = default_device()
+    predict_fn, _, _ = load_predictor(checkpoint, teacher, cfg, device=device)
+    out = Root(out_dir)
+    max_pixels = cfg.corpus.max_pixels if cfg is not None else DEFAULT_MAX_PIXELS
+    stems = unique_stems(files)
+    buckets: dict[tuple[int, int], list[tuple[str, str, np.ndarray]]] = {}
+    written: list[str] = []
+
+    with progress(len(files), f"predict → {out_dir}") as bar:
+        task = bar.tasks[0].id
+
+        def flush(size: tuple[int, int]) -> None:
+            items = buckets.pop(size)
+            preds = predict_batch(predict_fn, [rgb for _, _, rgb in items], resolution, device)
+            for (src, stem, rgb), disp in zip(items, preds):
+                colour = colorize(disp)
+                out.write_bytes(_npy_bytes(disp), f"{stem}.npy")
+                out.write_bytes(encode(colour, "png"), f"{stem}.png")
+                if side_by_side:
+                    out.write_bytes(encode(np.concatenate([rgb, colour], axis=1), "png"), f"{stem}_side.png")
+                written.append(stem)
+                bar.advance(task)
+
+        for src, stem in zip(files, stems):
+            try:
+                with fsspec.open(src, "rb") as fh:
+                    data = fh.read()
+                rgb = decode_rgb(data, max_pixels=max_pixels)
+            except (Rejected, OSError) as err:
+                reason = str(err) if isinstance(err, Rejected) else f"cannot read: {type(err).__name__}: {err}"
+                failures.append({"input": src, "reason": reason})
+                console.print(f"[yellow]skipped[/] {src}: {reason}")
+                bar.advance(task)
+                continue
+            size = rgb.shape[:2]
+            buckets.setdefault(size, []).append((src, stem, rgb))
+            if len(buckets[size]) >= batch_size:
+                flush(size)
+            elif sum(len(v) for v in buckets.values()) >= 4 * batch_size:  # many sizes: bound memory
+                flush(max(buckets, key=lambda s: len(buckets[s])))
+        for size in list(buckets):
+            flush(size)
+
+    if not written:
+        raise ValueError(f"none of the {len(files)} input files could be read; see the messages above")
+    return {"stage": STAGE, "out": out_dir, "written": len(written), "failed": len(failures),
+            "failures": failures, "seconds": round(time.time() - t0, 2)}

@@ -1,0 +1,185 @@
+"""Helpers for the teach-stage and teacher tests (and bench/teach_perf.py).
+
+* `ramp_image` / `write_ramps`: colour-ramp images (R = 2x + b, G = 2y + d, exact in uint8) whose pixel
+  values are known analytically, so a teacher that is a function of the pixel colour has a known answer.
+* `teach_cfg`: a small validated config (tiny crops) with the given teachers.
+* `tiny_hf_models`: a tiny Depth Anything and a tiny DPT model saved with `save_pretrained`, each with
+  a DPT image processor (size 56, multiple of 14, keep aspect ratio) next to it.
+* `SlowPixelTeacher`: a plugin teacher (`adapter = "teach_fixtures:SlowPixelTeacher"`) that is the
+  pixel teacher plus a sleep per `predict` call (`model = "r+2g@0.5"`), for kill -9 tests.
+* `tree_hashes`, `cache_arrays`: what "untouched" and "identical" are checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import DadConfig, TeacherCfg, fingerprint, load_config
+from stages.teachers import TeacherSpec
+from stages.teachers.pixel import FUNCTIONS, PixelTeacher
+
+SMALL_CROPS = {"min_region": 56, "patch": 42, "global_size": 56, "local_store": 28, "local_count": 4}
+
+
+def ramp_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """R = 2·x + b, G = 2·y + d (exact integers: no rounding), B seeded noise (makes images distinct)."""
+    assert width <= 128 and height <= 128, "slope 2 fits 128 px in uint8"
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(0, 256 - 2 * (width - 1)))
+    d = int(rng.integers(0, 256 - 2 * (height - 1)))
+    img = np.zeros((height, width, 3), np.uint8)
+    img[..., 0] = (2 * np.arange(width) + b)[None, :]
+    img[..., 1] = (2 * np.arange(height) + d)[:, None]
+    img[..., 2] = rng.integers(0, 256, (height, width))
+    return img
+
+
+def write_ramps(folder: Path, n: int, sizes=((96, 72), (80, 80), (72, 90)), seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        Image.fromarray(ramp_image(w, h, seed * 1000 + i)).save(folder / f"ramp{i:03d}.png")
+    return folder
+
+
+def teach_cfg(root, sources, teachers: dict[str, dict], shard_size: int = 2, executor: str = "inline",
+              crops: dict | None = None, **run) -> DadConfig:
+    raw = {"run": {"root": str(root), "executor": executor, **run},
+           "corpus": {"sources": [str(s) for s in (sources if isinstance(sources, list) else [sources])],
+                      "shard_size": shard_size},
+           "crops": {**SMALL_CROPS, **(crops or {})},
+           "teachers": teachers}
+    return load_config(raw=raw)
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """relative path → sha256 of every file under `folder`."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cache_arrays(root, teacher: str) -> dict[str, np.ndarray]:
+    from pipeline.cache import ARRAYS, open_cache
+    from pipeline.storage import Root
+
+    group = open_cache(root if isinstance(root, Root) else Root(str(root)), teacher)
+    return {name: group[name][...] for name in ARRAYS}
+
+
+# -- tiny transformers models -----------------------------------------------------------------
+
+def tiny_hf_models(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Save a tiny Depth Anything and a tiny DPT (+ image processor) under folder/{da,dpt}."""
+    import torch
+    from transformers import (DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTConfig,
+                              DPTForDepthEstimation, DPTImageProcessor)
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            patch_size=14, image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    da = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, fusion_hidden_size=16, neck_hidden_sizes=[8, 16, 32, 32], head_hidden_size=8,
+        reassemble_hidden_size=32, patch_size=14)).eval()
+    dpt = DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=56,
+        patch_size=14, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+        head_in_index=-1)).eval()
+    processor = DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                                  do_pad=False, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    out = {}
+    for name, model in (("da", da), ("dpt", dpt)):
+        path = Path(folder) / name
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+# -- a plugin teacher that takes its time ---------------------------------------------------
+
+class SlowPixelTeacher(PixelTeacher):
+    """`model = "r+2g@0.5"`: the r+2g pixel function, sleeping 0.5 s per predict call."""
+
+    def __init__(self, name: str, tcfg: TeacherCfg):
+        fn, _, delay = tcfg.model.partition("@")
+        self.fn = FUNCTIONS[fn]
+        self.delay = float(delay or 0)
+        self.spec = self.describe(name, tcfg)
+
+    @classmethod
+    def describe(cls, name: str, tcfg: TeacherCfg) -> TeacherSpec:
+        fn = tcfg.model.partition("@")[0]
+        return TeacherSpec(name, "slow-pixel", fn, tcfg.output_space, "native", tcfg.license, fingerprint(fn))
+
+    def predict(self, rgb):
+        time.sleep(self.delay)
+        return super().predict(rgb)
+
+
+def subprocess_env(extra_path: str | None = None) -> dict[str, str]:
+    """Environment for `dad` subprocesses: tests importable (plugin teachers), Ray on 127.0.0.1."""
+    env = dict(os.environ)
+    tests = str(Path(__file__).parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, extra_path, env.get("PYTHONPATH")) if p)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    return env
+
+
+class HoleyTeacher(PixelTeacher):
+    """`model = "holes"`: r+2g, but NaN where R < 0.3, +inf where G < 0.2 and 1e5 (overflows float16)
+    where B > 0.9 — what the valid masks and invalid counts are checked against."""
+
+    def __init__(self, name: str, tcfg: TeacherCfg):
+        self.spec = self.describe(name, tcfg)
+
+    @classmethod
+    def describe(cls, name: str, tcfg: TeacherCfg) -> TeacherSpec:
+        return TeacherSpec(name, "holey", "holes", tcfg.output_space, "native", tcfg.license, "holes")
+
+    def predict(self, rgb):
+        import torch
+
+        x = rgb.float()
+        out = 1.0 + x[:, 0] + 2.0 * x[:, 1]
+        out = torch.where(x[:, 0] < 0.3, torch.full_like(out, float("nan")), out)
+        out = torch.where(x[:, 1] < 0.2, torch.full_like(out, float("inf")), out)
+        return torch.where(x[:, 2] > 0.9, torch.full_like(out, 1e5), out)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc), so a test can reap exactly the processes it started."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,278 @@
+"""The training data stream (student/data.py): exact flips, per-rank shards, the epoch plan, the joins.
+
+Everything runs on a tiny cached run (15 colour-ramp images in 3 shards of 5, two `pixel` teachers),
+built once for the module; no training and no Ray here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from train_fixtures import (batches_of, build_cached_run, copy_run, restrict_selection, stream_for,
+                            train_config)
+
+from pipeline.cache import as_disparity, open_cache, read_rows
+from pipeline.storage import Root
+from student import data as data_mod
+from student.data import EpochPlan, draw_teacher, prefetch, shard_plan, steps_per_epoch
+from student.losses import crop_resample
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    return build_cached_run(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture
+def uneven(cached, tmp_path):
+    """A copy of the run whose selection keeps 5, 2 and 3 samples of the three shards."""
+    cfg = copy_run(cached, tmp_path / "root")
+    assert restrict_selection(cfg.run.root, {0: 5, 1: 2, 2: 3}) == {0: 5, 1: 2, 2: 3}
+    return cfg
+
+
+def mirror(boxes: torch.Tensor) -> torch.Tensor:
+    return torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
+
+
+# -- flips ----------------------------------------------------------------------------------------
+
+def test_crop_of_flipped_map_at_mirrored_boxes_is_flipped_crop():
+    """The identity a flip relies on: Crop(flip(M), mirror(b)) = flip(Crop(M, b)), for any map and box."""
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 56, 56, generator=gen)
+    lo = torch.rand(3, 4, 2, generator=gen) * 0.6
+    boxes = torch.cat([lo, lo + 0.1 + torch.rand(3, 4, 2, generator=gen) * 0.3], -1)
+    direct = crop_resample(maps.flip(-1), mirror(boxes), (28, 28))
+    expected = crop_resample(maps, boxes, (28, 28)).flip(-1)
+    assert torch.allclose(direct, expected, atol=1e-5)
+    # …and it is not true without mirroring the boxes (the check has teeth).
+    assert not torch.allclose(crop_resample(maps.flip(-1), boxes, (28, 28)), expected, atol=1e-3)
+
+
+def test_flip_keeps_image_targets_and_boxes_consistent(cached):
+    plain = {int(s["row"]): s for s in stream_for(cached, flip=False, jitter=0.0).samples(0, 0, 1)}
+    flipped = list(stream_for(cached, flip=True, jitter=0.0).samples(0, 0, 1))
+    assert sorted(plain) == sorted(int(s["row"]) for s in flipped)
+    n_flipped = 0
+    for f in flipped:
+        p = plain[int(f["row"])]
+        assert int(f["teacher"]) == int(p["teacher"])
+        if torch.equal(f["image"], p["image"]):
+            assert torch.equal(f["target"], p["target"]) and torch.equal(f["boxes"], p["boxes"])
+            continue
+        n_flipped += 1
+        assert torch.equal(f["image"], p["image"].flip(-1))
+        for key in ("target", "valid", "locals", "local_valid"):
+            assert torch.equal(f[key], p[key].flip(-1)), key
+        assert torch.allclose(f["boxes"], mirror(p["boxes"]), atol=1e-7)
+        # The student map cut at the mirrored boxes is the flipped cut: what L_lg sees is unchanged.
+        k = f["locals"].shape[-1]
+        cut_f = crop_resample(f["target"][None], f["boxes"][None], (k, k))[0]
+        cut_p = crop_resample(p["target"][None], p["boxes"][None], (k, k))[0]
+        assert torch.allclose(cut_f, cut_p.flip(-1), atol=1e-5)
+        # The pixel teacher is pointwise: its local predictions are its global map cut at the boxes,
+        # so after the flip the locals still line up with the flipped global target at the new boxes.
+        err_f = (cut_f - f["locals"]).abs()[f["local_valid"]].mean()
+        assert err_f < 0.05 * f["locals"].abs().mean()
+    assert 0 < n_flipped < len(flipped)  # both cases occurred
+
+
+# -- shards per rank and the epoch plan -----------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ranks_get_disjoint_shards_covering_all(world):
+    shards = list(range(7))
+    for epoch in range(6):
+        parts = [shard_plan(shards, 3, epoch, r, world) for r in range(world)]
+        flat = [s for p in parts for s in p]
+        assert sorted(flat) == shards and len(set(flat)) == len(flat)
+    # the order changes with the epoch
+    assert len({tuple(shard_plan(shards, 3, e, 0, world)) for e in range(6)}) > 1
+
+
+def test_streamed_rows_of_ranks_are_disjoint_and_from_their_shards(uneven):
+    stream = stream_for(uneven, flip=False, batch_size=1)
+    row_shard = {r: s for s, rows in stream.shard_rows.items() for r in rows}
+    for epoch in range(4):
+        seen = []
+        for rank in range(2):
+            rows = [int(x["row"]) for x in stream.samples(epoch, rank, 2)]
+            assert {row_shard[r] for r in rows} == set(stream.shards(epoch, rank, 2))
+            seen.append(set(rows))
+        assert not seen[0] & seen[1]
+        assert seen[0] | seen[1] == set(row_shard)
+
+
+def brute_steps(counts, seed, world, bs, epoch):
+    shards = sorted(counts)
+    order = np.random.default_rng([seed, epoch, 7919]).permutation(len(shards))
+    per_rank = [sum(counts[shards[i]] for i in order[r::world]) for r in range(world)]
+    return min(per_rank) // bs
+
+
+def test_steps_per_epoch_is_the_smallest_ranks_full_batches():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        counts = {s: int(rng.integers(1, 9)) for s in range(int(rng.integers(2, 9)))}
+        world = int(rng.integers(1, len(counts) + 1))
+        bs = int(rng.integers(1, 4))
+        for epoch in range(3):
+            assert steps_per_epoch(counts, 5, world, bs, epoch) == brute_steps(counts, 5, world, bs, epoch)
+
+
+def test_epoch_plan_follows_the_per_epoch_assignment(uneven):
+    counts = {0: 5, 1: 2, 2: 3}
+    plan = EpochPlan(counts, uneven.run.seed, 2, 1)
+    per_epoch = [plan.steps(e) for e in range(6)]
+    assert per_epoch == [brute_steps(counts, uneven.run.seed, 2, 1, e) for e in range(6)]
+    # With 5/2/3-sample shards the smallest rank's share changes between epochs: a plan fixed from
+    # epoch 0 would run a rank out of data (or waste it). Every rank can fill every epoch it is given.
+    assert len(set(per_epoch)) > 1
+    stream = stream_for(uneven, flip=False, batch_size=1)
+    for epoch in range(6):
+        lens = [len(list(stream.batches(epoch, r, 2, plan.steps(epoch)))) for r in range(2)]
+        assert lens == [plan.steps(epoch)] * 2
+    # step -> (epoch, skip) walks the cumulative plan
+    step = 0
+    for epoch, n in enumerate(per_epoch):
+        for k in range(n):
+            assert plan.locate(step) == (epoch, k)
+            step += 1
+
+
+def test_epoch_plan_refuses_impossible_layouts():
+    with pytest.raises(ValueError, match="at most 2 workers"):
+        EpochPlan({0: 5, 1: 5}, 0, 3, 1)
+    with pytest.raises(ValueError, match="too few samples per worker"):
+        EpochPlan({0: 1, 1: 1}, 0, 2, 2).locate(0)
+
+
+# -- resume, reading only what is needed -----------------------------------------------------------
+
+def test_skipping_batches_yields_the_tail_without_decoding_the_skipped(cached, monkeypatch):
+    stream = stream_for(cached, flip=True, jitter=0.1)
+    full = list(stream.batches(1, 0, 1, 7))
+    decoded = []
+    real = data_mod.decode_trusted
+    monkeypatch.setattr(data_mod, "decode_trusted", lambda b: decoded.append(1) or real(b))
+    tail = list(stream.batches(1, 0, 1, 7, skip=4))
+    assert len(tail) == 3 and len(decoded) == 3 * cached.train.batch_size
+    for a, b in zip(full[4:], tail):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_teacher_is_read_only_for_the_rows_drawn_for_it(cached, monkeypatch):
+    stream = stream_for(cached)
+    names = {id(g): t for t, g in stream.groups.items()}
+    reads: dict[str, list[int]] = {t: [] for t in stream.groups}
+    monkeypatch.setattr(data_mod, "read_rows", lambda g, rows: reads[names[id(g)]].extend(rows) or read_rows(g, rows))
+    samples = list(stream.samples(2, 0, 1))
+    teachers = list(cached.teachers)
+    for t in teachers:
+        drawn = sorted(int(s["row"]) for s in samples if teachers[int(s["teacher"])] == t)
+        assert sorted(reads[t]) == drawn
+
+
+def test_batch_targets_are_the_drawn_teachers_cache(cached):
+    """The join: each sample's target and locals are exactly its drawn teacher's cached maps."""
+    root = Root(cached.run.root)
+    teachers = list(cached.teachers)
+    groups = {t: open_cache(root, t) for t in teachers}
+    batches = batches_of(cached, epoch=0)
+    probs = stream_for(cached).selection
+    for b in batches:
+        for i, row in enumerate(b["row"].tolist()):
+            t = teachers[int(b["teacher"][i])]
+            assert int(b["teacher"][i]) == draw_teacher(probs[row], cached.run.seed, 0, row)
+            cached_maps = read_rows(groups[t], [row])
+            g = as_disparity(cached_maps["global"][0], groups[t].attrs["output_space"])
+            loc = as_disparity(cached_maps["local"][0], groups[t].attrs["output_space"])
+            assert np.array_equal(b["target"][i].numpy(), np.nan_to_num(g))
+            assert np.array_equal(b["locals"][i].numpy(), np.nan_to_num(loc))
+            other = [o for o in teachers if o != t][0]
+            g_other = as_disparity(read_rows(groups[other], [row])["global"][0], "disparity")
+            assert not np.array_equal(b["target"][i].numpy(), np.nan_to_num(g_other))
+
+
+# -- teacher draws -------------------------------------------------------------------------------
+
+def chi2(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs / probs.sum() * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0  # a zero-probability teacher is never drawn
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+# chi-square critical values at p = 0.001 for 1, 2 and 3 degrees of freedom
+CRIT = {1: 10.83, 2: 13.82, 3: 16.27}
+
+
+@pytest.mark.parametrize("probs", [[0.7, 0.3], [0.5, 0.3, 0.2], [2.0, 1.0, 1.0, 0.0], [0.0, 1.0]])
+def test_draw_teacher_frequencies_match_probabilities(probs):
+    p = np.array(probs, dtype=float)
+    draws = np.array([draw_teacher(p, 11, e, r) for e in range(10) for r in range(500)])
+    counts = np.bincount(draws, minlength=len(p))
+    df = int((p > 0).sum()) - 1
+    if df == 0:
+        assert counts[p == 0].sum() == 0
+        return
+    assert chi2(counts, p) < CRIT[df]
+    # the bound has power: the same draws are far from a distribution a few points off
+    q = p / p.sum()
+    shifted = q + np.where(np.arange(len(q)) == 0, -0.05, 0.05 / df) * (q > 0)
+    assert chi2(counts, shifted) > CRIT[df]
+
+
+def test_draws_change_with_the_epoch_and_repeat_with_it():
+    p = np.array([0.5, 0.5])
+    a = [draw_teacher(p, 0, 0, r) for r in range(200)]
+    assert a == [draw_teacher(p, 0, 0, r) for r in range(200)]
+    assert a != [draw_teacher(p, 0, 1, r) for r in range(200)]
+
+
+# -- prefetch ------------------------------------------------------------------------------------
+
+def test_prefetch_keeps_order_and_reraises():
+    assert list(prefetch(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetch(iter(range(5)), 0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        list(prefetch(failing(), 2))
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops():
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), 2)
+    assert next(it) == 0
+    it.close()
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 5
+    assert not any(t.name == "dad-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_train_config_helper_keeps_the_run(cached, tmp_path):
+    """Guard for the fixtures themselves: a copied run trains on the same selection."""
+    cfg = copy_run(cached, tmp_path / "copy")
+    other = train_config(cfg, steps=9)
+    assert other.train.steps == 9 and stream_for(other).shard_rows == stream_for(cached).shard_rows
