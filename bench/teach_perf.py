@@ -1,16 +1,18 @@
 """Teach-stage benchmarks (issue #3): P1 efficiency, P4 cache bytes, P5 actor scaling.
 
-    python -m bench.teach_perf [--quick]
+    python -m bench.teach_perf [--quick] [P1 P4 P5]   (P1/P4 alone skip the Ray runs)
 
 The teacher is a `checkpoint` teacher (a tiny student of this project with fixed random weights: real
 ViT + DPT compute, no download) on real photographs from scikit-image, cropped by the real shard stage.
 Every image the teacher sees counts: per sample the global input plus K local inputs.
 
 * P1_teach_efficiency — pipeline images/s ÷ bare `teacher.predict` images/s on the same inputs, batch
-  size, device and torch threads (1). "Pipeline" is the stage's per-shard processing: the sum of the
-  `seconds` its markers record (read + decode the shard, build inputs, predict, resample, write the
-  Zarr shard). The detail also gives the whole inline stage (plus model load and cache creation) and
-  the whole Ray stage with one actor (plus actor start and model load, minus `ray.init`).
+  size, device and torch threads (1). "Pipeline" is the stage's per-shard processing,
+  `TeachWorker.process(shard)` (read + decode the shard, build inputs, predict, resample, write the
+  Zarr shard, write the marker), timed shard by shard alternating with the bare teacher on the same
+  batches so both see the same machine load. The detail also gives the whole inline stage (plus model
+  load and cache creation) and the whole Ray stage with one actor (plus actor start and model load,
+  minus `ray.init`).
 * P4_cache_bytes_ratio — bytes of every file under cache/<teacher>/ per sample ÷ float32 bytes of the
   same maps ((G² + K·L²) × 4).
 * P5_teach_scaling — images/s with 2 actors ÷ with 1 actor (torch_threads = 1, num_cpus = 0.5 per
@@ -73,32 +75,49 @@ def _markers(root: Path, teacher: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def _bare_seconds(cfg, name: str) -> tuple[float, int]:
-    """teacher.predict alone on the exact inputs and batches the stage uses (inputs prepared beforehand)."""
+def _interleaved(cfg, name: str, reps: int) -> dict:
+    """Per shard, alternately: bare `teacher.predict` on that shard's exact batches (inputs prepared
+    beforehand), then `TeachWorker.process(shard)`. Both share one teacher instance, so they see the
+    same machine load; the best of `reps` is kept per shard and phase."""
     import torch
 
+    from pipeline.cache import ensure_cache
     from pipeline.corpus import iter_shard, shard_ids
     from pipeline.storage import Root
-    from stages.teach import sample_inputs, to_tensor
-    from stages.teachers import build_teacher
+    from stages.teach import TeachWorker, cell_fingerprint, sample_inputs, to_tensor
+    from stages.teachers import spec_for
 
     tcfg, c, root = cfg.teachers[name], cfg.crops, Root(cfg.run.root)
-    torch.set_num_threads(tcfg.torch_threads or torch.get_num_threads())
-    teacher = build_teacher(name, tcfg).to("cpu")
-    batches = []
-    for s in shard_ids(root):
+    shards = shard_ids(root)
+    fp = cell_fingerprint(cfg, spec_for(name, tcfg).fingerprint)
+    ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count, c.local_store,
+                 attrs={})
+    worker = TeachWorker(root, cfg, name, fp)  # sets torch threads, loads the teacher once
+    batches: dict[int, list] = {}
+    for s in shards:
         globals_, locals_ = [], []
         for record, region in iter_shard(root, s):
             g, locs = sample_inputs(region, record["boxes"], c.global_size, c.patch)
             globals_.append(g)
             locals_.extend(locs)
-        for images in (globals_, locals_):
-            batches += [to_tensor(images[i:i + tcfg.batch_size]) for i in range(0, len(images), tcfg.batch_size)]
-    teacher.predict(batches[0])  # warm-up (allocator, kernels), as the pipeline's first batch is not timed apart
-    t0 = time.perf_counter()
-    for b in batches:
-        teacher.predict(b)
-    return time.perf_counter() - t0, sum(len(b) for b in batches)
+        batches[s] = [to_tensor(images[i:i + tcfg.batch_size])
+                      for images in (globals_, locals_) for i in range(0, len(images), tcfg.batch_size)]
+    with torch.no_grad():
+        worker.teacher.predict(batches[shards[0]][0])  # warm-up
+    bare = {s: float("inf") for s in shards}
+    proc = dict(bare)
+    for _ in range(reps):
+        for s in shards:
+            t0 = time.perf_counter()
+            for b in batches[s]:
+                worker.teacher.predict(b)
+            bare[s] = min(bare[s], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            worker.process(s)
+            proc[s] = min(proc[s], time.perf_counter() - t0)
+    images = sum(len(b) for bs in batches.values() for b in bs)
+    return {"bare_s": sum(bare.values()), "process_s": sum(proc.values()), "images": images,
+            "threads": torch.get_num_threads()}
 
 
 def _predict_loop(ckpt: str, side: int, batches: int, start, out) -> None:
@@ -142,7 +161,22 @@ def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run(quick: bool = False) -> dict:
+def _p1(b, p, w, ray_wall, images, inter, G, stage_wall, reps) -> dict:
+    return {
+        "value": round(b / p, 4), "unit": "ratio", "goal": ">= 0.95",
+        "detail": {"images": images, "batch_size": 4, "device": "cpu", "torch_threads": inter["threads"],
+                   "teacher": f"checkpoint (tiny student), input {G}px",
+                   "bare_predict_images_per_s": round(images / b, 2),
+                   "pipeline_per_shard_images_per_s": round(images / p, 2),
+                   "inline_stage_ratio_incl_model_load": round(b / w, 4),
+                   "ray_stage_1_actor_ratio_incl_actor_start": round(b / ray_wall, 4) if ray_wall else None,
+                   "seconds": {"bare_predict": round(b, 2), "per_shard_process": round(p, 2),
+                               "inline_stage": [round(x, 2) for x in stage_wall]},
+                   "measure": "TeachWorker.process per shard vs teacher.predict on that shard's batches, "
+                              f"alternating shard by shard, best of {reps} each"}}
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = ("P1", "P4", "P5")) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
@@ -169,17 +203,15 @@ def run(quick: bool = False) -> dict:
         shard.run(cfg)
         images_per_run = n_images * (1 + K)
 
-        # -- P1: per-shard processing vs bare predict, interleaved, best of `reps` ----------------
-        bare, pipe, stage_wall = [], [], []
-        for _ in range(reps):
-            secs, count = _bare_seconds(cfg, "ckpt")
-            assert count == images_per_run
-            bare.append(secs)
+        # -- P1: per-shard processing vs bare predict, interleaved shard by shard ----------------
+        inter = _interleaved(cfg, "ckpt", reps)
+        assert inter["images"] == images_per_run
+        b, p = inter["bare_s"], inter["process_s"]
+        stage_wall = []
+        for _ in range(reps):  # the whole inline stage (model load, cache creation, markers included)
             _reset(root)
-            summary = teach.run(cfg)
-            pipe.append(sum(m["seconds"] for m in _markers(root, "ckpt")))
-            stage_wall.append(summary["seconds"])
-        b, p, w = min(bare), min(pipe), min(stage_wall)
+            stage_wall.append(teach.run(cfg)["seconds"])
+        w = min(stage_wall)
 
         # -- P4: stored bytes per sample ÷ float32 bytes of the same maps ---------------------------
         stored = _dir_bytes(root / "cache" / "ckpt") / n_images
@@ -193,6 +225,9 @@ def run(quick: bool = False) -> dict:
                        "G": G, "L": L, "K": K, "samples": n_images,
                        "codec": "float16, Blosc zstd level 5 + byte shuffle, 1 sample per chunk"}}
 
+        if "P5" not in parts:
+            results["P1_teach_efficiency"] = _p1(b, p, w, None, images_per_run, inter, G, stage_wall, reps)
+            return results
         # -- P5 (and P1's Ray-stage figure): 1 vs 2 actors on a 2-CPU local cluster ------------------
         init_ray(RunCfg(root=str(root), num_cpus=2))
         ray_runs: dict[int, list[dict]] = {1: [], 2: []}
@@ -211,16 +246,7 @@ def run(quick: bool = False) -> dict:
         best = {a: min(r["span"] for r in runs) for a, runs in ray_runs.items()}
         best_wall = {a: min(r["wall"] for r in runs) for a, runs in ray_runs.items()}
 
-        results["P1_teach_efficiency"] = {
-            "value": round(b / p, 4), "unit": "ratio", "goal": ">= 0.95",
-            "detail": {"images": images_per_run, "batch_size": 4, "device": "cpu", "torch_threads": 1,
-                       "teacher": f"checkpoint (tiny student), input {G}px",
-                       "bare_predict_images_per_s": round(images_per_run / b, 2),
-                       "pipeline_per_shard_images_per_s": round(images_per_run / p, 2),
-                       "inline_stage_ratio_incl_model_load": round(b / w, 4),
-                       "ray_stage_1_actor_ratio_incl_actor_start": round(b / best_wall[1], 4),
-                       "runs_s": {"bare": [round(x, 2) for x in bare], "per_shard": [round(x, 2) for x in pipe],
-                                  "inline_stage": [round(x, 2) for x in stage_wall]}}}
+        results["P1_teach_efficiency"] = _p1(b, p, w, best_wall[1], images_per_run, inter, G, stage_wall, reps)
         results["P5_teach_scaling"] = {
             "value": round(best[1] / best[2], 4), "unit": "ratio", "goal": ">= 1.7",
             "detail": {"images": images_per_run, "actor_num_cpus": 0.5, "torch_threads": 1, "cluster_cpus": 2,
@@ -237,4 +263,5 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
+    only = tuple(a for a in sys.argv[1:] if a in ("P1", "P4", "P5")) or ("P1", "P4", "P5")
+    print(json.dumps(run(quick="--quick" in sys.argv, parts=only), indent=1))

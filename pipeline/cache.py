@@ -70,10 +70,12 @@ def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: in
 
 def write_shard(group: zarr.Group, shard: int, shard_size: int, global_pred: np.ndarray,
                 local_pred: np.ndarray) -> dict:
-    """Write one corpus shard's predictions (n ≤ shard_size samples) as whole Zarr shards."""
+    """Write one corpus shard's predictions (n ≤ shard_size samples) as whole Zarr shards.
+
+    A value is invalid (mask False, stored NaN) if it is NaN/inf or overflows float16 (|x| > 65504).
+    The float16 cast happens here, so nothing is read back from the store; each array's metadata is
+    opened once."""
     n = global_pred.shape[0]
-    g_valid = np.isfinite(global_pred)
-    l_valid = np.isfinite(local_pred)
 
     def pad(a: np.ndarray, fill) -> np.ndarray:
         out = np.full((shard_size, *a.shape[1:]), fill, dtype=a.dtype)
@@ -81,16 +83,17 @@ def write_shard(group: zarr.Group, shard: int, shard_size: int, global_pred: np.
         return out
 
     start, stop = shard * shard_size, (shard + 1) * shard_size
-    with np.errstate(over="ignore", invalid="ignore"):
-        group["global"][start:stop] = pad(np.where(g_valid, global_pred, np.nan).astype(np.float16), np.nan)
-        group["local"][start:stop] = pad(np.where(l_valid, local_pred, np.nan).astype(np.float16), np.nan)
-    # float16 overflow (|x| > 65504) also makes a value invalid: recompute after the cast.
-    g16, l16 = group["global"][start:start + n], group["local"][start:start + n]
-    g_valid &= np.isfinite(g16)
-    l_valid &= np.isfinite(l16)
-    group["global_valid"][start:stop] = pad(g_valid, False)
-    group["local_valid"][start:stop] = pad(l_valid, False)
-    return {"invalid_global_px": int((~g_valid).sum()), "invalid_local_px": int((~l_valid).sum())}
+    arrays = {name: group[name] for name in ARRAYS}
+    invalid = {}
+    for name, pred in (("global", global_pred), ("local", local_pred)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = np.asarray(pred).astype(np.float16)
+        valid = np.isfinite(values)
+        values[~valid] = np.nan
+        arrays[name][start:stop] = pad(values, np.nan)
+        arrays[f"{name}_valid"][start:stop] = pad(valid, False)
+        invalid[name] = int((~valid).sum())
+    return {"invalid_global_px": invalid["global"], "invalid_local_px": invalid["local"]}
 
 
 def read_rows(group: zarr.Group, rows: list[int] | np.ndarray) -> dict[str, np.ndarray]:

@@ -503,3 +503,54 @@ def corrupt_bytes(path: Path, offset_fraction: float = 0.5, count: int = 8) -> N
     for j in range(i, min(i + count, len(data))):
         data[j] ^= 0x5A
     Path(path).write_bytes(bytes(data))
+
+
+# -- dead workers ---------------------------------------------------------------------------------------
+
+REGISTRY = "dad-fault-registry"
+
+
+class RegisteringTeacher:
+    """`adapter = "fault_fixtures:RegisteringTeacher"`, `model = "r+2g@0.4"`: the slow pixel teacher that,
+    when built inside a Ray actor, hands its actor handle to the named actor `dad-fault-registry` (so a
+    test can `ray.kill` it). Its spec (fingerprint) is the plain r+2g function's: results compare 1:1."""
+
+    def __new__(cls, name, tcfg):
+        from teach_fixtures import SlowPixelTeacher
+
+        teacher = SlowPixelTeacher(name, tcfg)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ctx = ray.get_runtime_context()
+                if ctx.get_actor_id():
+                    registry = ray.get_actor(REGISTRY)
+                    ray.get(registry.add.remote(ctx.current_actor, os.getpid()))
+        except ValueError:  # no registry: a plain run
+            pass
+        return teacher
+
+    @classmethod
+    def describe(cls, name, tcfg):
+        from teach_fixtures import SlowPixelTeacher
+
+        return SlowPixelTeacher.describe(name, tcfg)
+
+
+def make_registry():
+    """The named actor that collects teach actors' handles (0 CPUs: it never competes with them)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Registry:
+        def __init__(self):
+            self.handles = []
+
+        def add(self, handle, pid):
+            self.handles.append((handle, pid))
+
+        def get(self):
+            return self.handles
+
+    return Registry.options(name=REGISTRY).remote()

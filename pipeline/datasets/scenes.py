@@ -51,7 +51,7 @@ from pipeline.datasets.textures import texture_files
 
 RECYCLE_AFTER_SCENES = 256  # pool workers restart after this many scenes: bounds pybullet's native leak
 MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"
-SHADOW_MAP_SIZE = 160  # pixels of the light's view used for cast shadows
+SHADOW_MAP_SIZE = 128  # pixels of the light's view used for cast shadows
 
 
 @dataclass
