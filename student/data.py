@@ -103,6 +103,23 @@ def draw_teacher(probs: np.ndarray, seed: int, epoch: int, row: int) -> int:
     return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))
 
 
+READ_CHUNK = 0  # targets are read for max(batch_size, READ_CHUNK) samples at a time
+
+
+class _OpenGroup:
+    """A teacher's cache group with its arrays opened once: `group[name]` re-reads the array's
+    metadata on every call, which cost more than the sample data at small sizes."""
+
+    def __init__(self, group):
+        from pipeline.cache import ARRAYS
+
+        self._group, self.attrs, self.store = group, group.attrs, group.store
+        self._arrays = {name: group[name] for name in ARRAYS}
+
+    def __getitem__(self, name: str):
+        return self._arrays[name] if name in self._arrays else self._group[name]
+
+
 class TargetStream:
     """Iterates samples and batches of one rank and one epoch (optionally skipping a prefix: resume)."""
 
@@ -110,8 +127,9 @@ class TargetStream:
         self.spec = spec
         self.selection = selection          # row → probabilities over spec.teachers
         self.shard_rows = shard_rows        # shard → rows kept by the selection, in shard order
-        self.groups = {t: open_cache(spec.root, t) for t in spec.teachers}
+        self.groups = {t: _OpenGroup(open_cache(spec.root, t)) for t in spec.teachers}
         self.spaces = {t: g.attrs["output_space"] for t, g in self.groups.items()}
+        self.read_chunk = READ_CHUNK
 
     def shards(self, epoch: int, rank: int, world: int) -> list[int]:
         """The shards this rank reads in `epoch`, in reading order."""
@@ -126,7 +144,7 @@ class TargetStream:
     def samples(self, epoch: int, rank: int, world: int, skip: int = 0) -> Iterator[dict]:
         """This rank's samples of `epoch`, after skipping the first `skip` (neither read nor decoded)."""
         s = self.spec
-        chunk = max(1, s.batch_size)
+        chunk = max(1, s.batch_size, self.read_chunk)
         for shard in self.shards(epoch, rank, world):
             ordered = self.order(shard, epoch)
             if skip >= len(ordered):

@@ -19,7 +19,7 @@ VARIETY_SEEDS = [4 * i + i % 4 for i in range(20)]
 
 @pytest.fixture(scope="module")
 def variety_views():
-    return list(scenes.render_views(VARIETY_SEEDS, size=128))
+    return list(scenes.render_views(VARIETY_SEEDS, size=96))
 
 
 def _floor_residuals(view: scenes.View) -> tuple[np.ndarray, np.ndarray]:
@@ -206,3 +206,20 @@ def test_grey_photo_flags_match_pixels():
         if t.name.startswith("photo:"):
             img = textures.texture_image(t.name).astype(np.int16)
             assert (np.abs(img - img.mean(axis=2, keepdims=True)).mean() < 2) == t.grey, t.name
+
+
+@pytest.mark.slow
+def test_scene_builds_do_not_leak_megabytes():
+    """pybullet keeps every mesh argument alive; bullet_args must keep that from growing ~5 MB/scene."""
+
+    def rss_kb() -> int:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0])
+
+    built = [layouts.build_scene(s) for s in range(500, 560)]
+    for scene in built[:20]:  # warm-up: caches and allocator pools
+        scenes._Client(scene).__exit__()
+    before = rss_kb()
+    for scene in built[20:]:
+        scenes._Client(scene).__exit__()
+    assert (rss_kb() - before) / 40 < 2000

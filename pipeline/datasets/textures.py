@@ -221,7 +221,11 @@ def _bank_key() -> str:
     """Identifies the bank without building it: this module's source plus the scikit-image version."""
     import skimage
 
-    h = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode())
+    try:
+        source = inspect.getsource(sys.modules[__name__]).encode()
+    except OSError:  # no source shipped (frozen install): fall back to the bank's names
+        source = "|".join(t.name for t in texture_bank()).encode()
+    h = hashlib.sha256(source)
     h.update(skimage.__version__.encode())
     return h.hexdigest()[:16]
 
