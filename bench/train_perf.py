@@ -1,7 +1,7 @@
 """Train-stage benchmarks (issue #6): `python -m bench.train_perf [--quick]`.
 
 * `P2_ingest_efficiency` — steps/s of the training loop streaming from the run root (tar shards +
-  Zarr targets through `student.data.TargetStream` and the prefetch thread, exactly as
+  Zarr targets through `student.data.TargetStream` with `train.prefetch` loader threads, exactly as
   `stages/train.py` runs it) ÷ steps/s of the same loop over the same batches already held in memory.
   Same student, optimizer and steps; best of `repeats` interleaved timings each (the machine is
   shared). Goal ≥ 0.97.
@@ -99,8 +99,7 @@ def bench_p2(folder: Path, quick: bool) -> dict:
         held = list(stream.batches(1, 0, 1, n))  # epoch 1's batches, decoded and joined beforehand
         memory.append(_time_loop(_trainer(cfg, ckpt), held)[0])
         del held
-        streamed.append(_time_loop(_trainer(cfg, ckpt), prefetch(stream.batches(1, 0, 1, n),
-                                                                    cfg.train.prefetch))[0])
+        streamed.append(_time_loop(_trainer(cfg, ckpt), stream.batches(1, 0, 1, n, workers=cfg.train.prefetch))[0])
     ratio = min(memory) / min(streamed)
     return {"value": round(ratio, 3), "unit": "ratio", "goal": ">= 0.97",
             "detail": {"steps": n, "batch": p["batch"], "global_size": cfg.crops.global_size,
@@ -200,7 +199,7 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
     step = _trainer(cfg, ckpt)
     cached_s, steps = 0.0, 0
     for epoch in range(epochs):
-        dt, k = _time_loop(step, prefetch(stream.batches(epoch, 0, 1, plan.steps(epoch)), cfg.train.prefetch))
+        dt, k = _time_loop(step, stream.batches(epoch, 0, 1, plan.steps(epoch), workers=cfg.train.prefetch))
         cached_s, steps = cached_s + dt, steps + k
     # the online recipe: same student, samples, draws and steps; both teachers inside every step
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 
+from collections.abc import Mapping
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -68,13 +70,13 @@ def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: in
     return group
 
 
-def write_shard(group: zarr.Group, shard: int, shard_size: int, global_pred: np.ndarray,
-                local_pred: np.ndarray) -> dict:
+def write_shard(group: zarr.Group | Mapping[str, zarr.Array], shard: int, shard_size: int,
+                global_pred: np.ndarray, local_pred: np.ndarray) -> dict:
     """Write one corpus shard's predictions (n ≤ shard_size samples) as whole Zarr shards.
 
     A value is invalid (mask False, stored NaN) if it is NaN/inf or overflows float16 (|x| > 65504).
-    The float16 cast happens here, so nothing is read back from the store; each array's metadata is
-    opened once."""
+    The float16 cast happens here, so nothing is read back from the store. `group` may also be a dict
+    of the four opened arrays (`open_arrays`): a worker writing many shards then reads no metadata."""
     n = global_pred.shape[0]
 
     def pad(a: np.ndarray, fill) -> np.ndarray:
@@ -94,6 +96,11 @@ def write_shard(group: zarr.Group, shard: int, shard_size: int, global_pred: np.
         arrays[f"{name}_valid"][start:stop] = pad(valid, False)
         invalid[name] = int((~valid).sum())
     return {"invalid_global_px": invalid["global"], "invalid_local_px": invalid["local"]}
+
+
+def open_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """The four arrays of a cache group, opened once (each `group[name]` reads metadata from the store)."""
+    return {name: group[name] for name in ARRAYS}
 
 
 def read_rows(group: zarr.Group, rows: list[int] | np.ndarray) -> dict[str, np.ndarray]:

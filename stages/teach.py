@@ -17,16 +17,14 @@ one redoes only its cells; the other teachers' groups are not opened for writing
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import LAYOUT, check_shard, ensure_cache, object_sizes, open_cache, shard_digests, write_shard
+from pipeline.cache import (LAYOUT, check_shard, ensure_cache, object_sizes, open_arrays, open_cache, shard_digests,
+                            write_shard)
 from pipeline.config import DadConfig, TeacherCfg, fingerprint
 from pipeline.corpus import iter_shard, shard_ids, shard_name
 from pipeline.crops import box_pixels
@@ -68,45 +66,6 @@ def predict_batched(teacher: Teacher, images: list[np.ndarray], batch_size: int)
     return torch.cat(outs).numpy()
 
 
-def prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Iterate `items` in a background thread, at most `depth` ahead (decoding overlaps prediction;
-    PIL and torch release the GIL). Errors are raised in the consumer; stopping early stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            put(("error", err))
-
-    thread = threading.Thread(target=produce, name="teach-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
 def resample(maps: np.ndarray, size: int) -> np.ndarray:
     """(N,h,w) → (N,size,size), bilinear with antialiasing; NaNs stay NaN where they touch."""
     t = torch.from_numpy(maps)[:, None]
@@ -125,7 +84,7 @@ class TeachWorker:
         device = "cuda" if tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.root, self.cfg, self.name, self.fp, self.tcfg = root, cfg, name, fp, tcfg
         self.teacher = build_teacher(name, tcfg).to(device)
-        self.group = open_cache(root, name, mode="r+")
+        self.arrays = open_arrays(open_cache(root, name, mode="r+"))  # metadata read once per actor
         self.ledger = Ledger(root)
 
     def __call__(self, batch: dict) -> dict:
@@ -135,29 +94,17 @@ class TeachWorker:
     def process(self, shard: int) -> dict:
         t0 = time.time()
         crops, bs = self.cfg.crops, self.tcfg.batch_size
-        # Decoding and cropping run one sample ahead in a thread while the teacher predicts: a batch is
-        # predicted as soon as it is full (the same batches, in the same order, as predicting at the end).
-        inputs = (sample_inputs(region, record["boxes"], crops.global_size, crops.patch)
-                  for record, region in iter_shard(self.root, shard))
-        g_batch, l_batch, g_out, l_out, n = [], [], [], [], 0
-        for glob, locs in prefetch(inputs, depth=bs):
-            n += 1
-            g_batch.append(glob)
-            l_batch.extend(locs)
-            if len(g_batch) == bs:
-                g_out.append(predict_batched(self.teacher, g_batch, bs))
-                g_batch = []
-            while len(l_batch) >= bs:
-                l_out.append(predict_batched(self.teacher, l_batch[:bs], bs))
-                l_batch = l_batch[bs:]
-        g_out += [predict_batched(self.teacher, g_batch, bs)] if g_batch else []
-        l_out += [predict_batched(self.teacher, l_batch, bs)] if l_batch else []
-        k = crops.local_count
-        g_pred = np.concatenate(g_out) if n else np.zeros((0, crops.global_size, crops.global_size))
-        l_pred = np.concatenate(l_out) if n else np.zeros((0, crops.patch, crops.patch))
+        globals_, locals_ = [], []
+        for record, region in iter_shard(self.root, shard):
+            glob, locs = sample_inputs(region, record["boxes"], crops.global_size, crops.patch)
+            globals_.append(glob)
+            locals_.extend(locs)
+        n, k = len(globals_), crops.local_count
+        g_pred = predict_batched(self.teacher, globals_, bs) if n else np.zeros((0, crops.global_size, crops.global_size))
+        l_pred = predict_batched(self.teacher, locals_, bs) if n else np.zeros((0, crops.patch, crops.patch))
         g_pred = resample(g_pred.astype(np.float32), crops.global_size)
         l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
-        stats = write_shard(self.group, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
+        stats = write_shard(self.arrays, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
         objects = shard_digests(self.root, self.name, shard)  # what `check_shard` verifies later
         info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), "node": _node_id(), **stats,
                 "objects": objects}

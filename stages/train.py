@@ -31,7 +31,7 @@ from pipeline.ledger import Ledger, check_recorded, stage_lock
 from pipeline.runtime import init_ray, use_inline
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
-from student.data import EpochPlan, StreamSpec, TargetStream, prefetch
+from student.data import EpochPlan, StreamSpec, TargetStream
 from student.trainer import (StepConfig, freeze_unused, frozen_encoder, make_optimizer, make_scheduler,
                              train_step)
 
@@ -236,7 +236,7 @@ def worker_loop(config: dict) -> None:
         epoch, skip = plan.locate(step)
         n = min(plan.steps(epoch), skip + t.steps - step)
         shards_read[epoch] = stream.shards(epoch, rank, world)
-        for batch in prefetch(stream.batches(epoch, rank, world, n, skip), t.prefetch):
+        for batch in stream.batches(epoch, rank, world, n, skip, workers=t.prefetch):
             stats = train_step(model, batch, opt, sched, step_cfg, t.grad_clip, frozen, device, t.amp)
             step += 1
             seen += batch["image"].shape[0]

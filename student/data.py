@@ -10,9 +10,11 @@ would have drawn, and a global step maps to one (epoch, batch-in-epoch) position
 Only needed bytes are read and decoded: the shard's tar is streamed once and kept encoded; a sample
 is decoded when it is about to be yielded (never for rows the selection dropped, nor for the samples
 a resumed run skips); for each teacher only the rows drawn for it are read from its Zarr cache (one
-inner chunk per sample), a batch's worth at a time, so work is spread evenly between steps instead of
-arriving in one burst at each shard boundary. A background thread prepares batches ahead of the
-training step (`prefetch`).
+inner chunk per sample; the arrays are opened once), a batch's worth at a time, so work is spread
+evenly between steps instead of arriving in one burst at each shard boundary. Reading overlaps compute:
+`batches(…, workers=N)` prepares up to N batches concurrently in threads (PNG decoding, Zarr/Blosc
+and resizing release the GIL) while a separate thread reads the next shard's tar, and yields them in
+order, so the training loop never waits on storage as long as N threads keep up with it.
 
 A batch is a dict of tensors: image (B,3,G,G) in [0,1], target (B,G,G) disparity, valid (B,G,G),
 locals (B,K,L,L), local_valid (B,K,L,L), boxes (B,K,4) fractions of the region, teacher (B,) index,
@@ -103,9 +105,6 @@ def draw_teacher(probs: np.ndarray, seed: int, epoch: int, row: int) -> int:
     return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))
 
 
-READ_CHUNK = 0  # targets are read for max(batch_size, READ_CHUNK) samples at a time
-
-
 class _OpenGroup:
     """A teacher's cache group with its arrays opened once: `group[name]` re-reads the array's
     metadata on every call, which cost more than the sample data at small sizes."""
@@ -120,6 +119,31 @@ class _OpenGroup:
         return self._arrays[name] if name in self._arrays else self._group[name]
 
 
+# Cache layouts whose validity masks are exactly "the stored value is finite" (pipeline/cache.py
+# `write_shard` stores NaN wherever a pixel is invalid and re-checks finiteness after the float16 cast).
+MASK_IS_FINITE_LAYOUTS = {None, 1, 2}
+
+
+def read_targets(group, rows: list[int]) -> dict[str, np.ndarray]:
+    """The four cached arrays of `rows`. Where the masks are implied by the values (known layouts),
+    only the two value arrays are read and the masks derived: half the Zarr reads, the same result."""
+    if group.attrs.get("cache_layout") not in MASK_IS_FINITE_LAYOUTS:
+        return read_rows(group, rows)
+    from pipeline.cache import CacheCorruptError
+
+    index = np.asarray(rows, dtype=np.int64)
+    out = {}
+    for name in ("global", "local"):
+        try:
+            out[name] = group[name].get_orthogonal_selection((index,))
+        except Exception as err:  # noqa: BLE001 - whatever the codec raised, the cause is the stored bytes
+            teacher = str(group.attrs.get("teacher", {}).get("name", "?"))
+            raise CacheCorruptError(
+                f"cached targets of teacher {teacher!r} ({name}, rows {sorted(set(rows))[:5]}) cannot be decoded: "
+                f"{type(err).__name__}: {err}. Recompute them with `dad teach --verify --teacher {teacher}`") from err
+    return {**out, "global_valid": np.isfinite(out["global"]), "local_valid": np.isfinite(out["local"])}
+
+
 class TargetStream:
     """Iterates samples and batches of one rank and one epoch (optionally skipping a prefix: resume)."""
 
@@ -129,7 +153,6 @@ class TargetStream:
         self.shard_rows = shard_rows        # shard → rows kept by the selection, in shard order
         self.groups = {t: _OpenGroup(open_cache(spec.root, t)) for t in spec.teachers}
         self.spaces = {t: g.attrs["output_space"] for t, g in self.groups.items()}
-        self.read_chunk = READ_CHUNK
 
     def shards(self, epoch: int, rank: int, world: int) -> list[int]:
         """The shards this rank reads in `epoch`, in reading order."""
@@ -143,8 +166,13 @@ class TargetStream:
 
     def samples(self, epoch: int, rank: int, world: int, skip: int = 0) -> Iterator[dict]:
         """This rank's samples of `epoch`, after skipping the first `skip` (neither read nor decoded)."""
+        for job in self._jobs(epoch, rank, world, skip, max(1, self.spec.batch_size)):
+            yield from self._prepare(job, epoch)
+
+    def _jobs(self, epoch: int, rank: int, world: int, skip: int, size: int) -> Iterator[list[tuple]]:
+        """Groups of `size` samples (the last of a shard may be smaller), each [(record, encoded image,
+        teacher)]: everything a worker thread needs to produce them. Tars are read here (cheap, in order)."""
         s = self.spec
-        chunk = max(1, s.batch_size, self.read_chunk)
         for shard in self.shards(epoch, rank, world):
             ordered = self.order(shard, epoch)
             if skip >= len(ordered):
@@ -152,24 +180,26 @@ class TargetStream:
                 continue
             ordered, skip = ordered[skip:], 0
             wanted = set(ordered)
-            chosen = {r: draw_teacher(self.selection[r], s.seed, epoch, r) for r in ordered}
             encoded = {rec["row"]: (rec, data) for rec, data in iter_shard(s.root, shard, decode=False)
                        if rec["row"] in wanted}
             missing = wanted - set(encoded)
             if missing:
                 raise ValueError(f"corpus shard {shard} lacks rows {sorted(missing)[:5]} that the selection "
                                  f"keeps: the corpus changed after `dad score`; rerun `dad score`")
-            for i in range(0, len(ordered), chunk):
-                part = ordered[i:i + chunk]
-                targets = self._targets(part, chosen)
-                for r in part:
-                    record, data = encoded.pop(r)
-                    yield self._sample(record, decode_trusted(data), targets[r], chosen[r], epoch)
+            for i in range(0, len(ordered), size):
+                yield [(*encoded.pop(r), draw_teacher(self.selection[r], s.seed, epoch, r))
+                       for r in ordered[i:i + size]]
+
+    def _prepare(self, job: list[tuple], epoch: int) -> list[dict]:
+        """Read the drawn teachers' targets of a group of samples, decode the images, augment."""
+        chosen = {rec["row"]: t for rec, _, t in job}
+        targets = self._targets(list(chosen), chosen)
+        return [self._sample(rec, decode_trusted(data), targets[rec["row"]], t, epoch) for rec, data, t in job]
 
     def _targets(self, rows: list[int], chosen: dict[int, int]) -> dict[int, dict]:
         out: dict[int, dict] = {}
         if self.spec.mix:
-            per_t = {t: read_rows(self.groups[t], rows) for t in self.spec.teachers}
+            per_t = {t: read_targets(self.groups[t], rows) for t in self.spec.teachers}
             for i, r in enumerate(rows):
                 w = list(self.selection[r])
                 maps = [as_disparity(per_t[t]["global"][i], self.spaces[t]) for t in self.spec.teachers]
@@ -185,7 +215,7 @@ class TargetStream:
             mine = [r for r in rows if chosen[r] == ti]
             if not mine:
                 continue
-            data = read_rows(self.groups[t], mine)
+            data = read_targets(self.groups[t], mine)
             for i, r in enumerate(mine):
                 out[r] = {"global": as_disparity(data["global"][i], self.spaces[t]),
                           "global_valid": data["global_valid"][i],
@@ -215,22 +245,56 @@ class TargetStream:
                 "local_valid": torch.from_numpy(np.ascontiguousarray(lv)),
                 "boxes": torch.from_numpy(boxes), "teacher": torch.tensor(teacher), "row": torch.tensor(record["row"])}
 
-    def batches(self, epoch: int, rank: int, world: int, n_steps: int, skip: int = 0) -> Iterator[dict]:
-        """Exactly n_steps − skip batches of this rank's epoch (after skipping `skip` batches)."""
-        it = self.samples(epoch, rank, world, skip * self.spec.batch_size)
+    def batches(self, epoch: int, rank: int, world: int, n_steps: int, skip: int = 0,
+                workers: int = 0) -> Iterator[dict]:
+        """Exactly n_steps − skip batches of this rank's epoch (after skipping `skip` batches).
+
+        workers > 0: that many threads prepare batches concurrently, up to `workers` ahead of the
+        consumer (decoding, Zarr reads and resizing release the GIL), in order; 0: in this thread.
+        The batches are the same either way.
+        """
+        jobs = self._batch_jobs(epoch, rank, world, n_steps, skip)
+        make = lambda job: collate(self._prepare(job, epoch))  # noqa: E731
+        if workers <= 0:
+            yield from map(make, jobs)
+        else:  # shard tars are read a few batches ahead in their own thread, never in the training loop
+            yield from ordered_map(make, prefetch(jobs, 2), workers)
+
+    def _batch_jobs(self, epoch: int, rank: int, world: int, n_steps: int, skip: int) -> Iterator[list[tuple]]:
+        bs = self.spec.batch_size
+        items = (x for job in self._jobs(epoch, rank, world, skip * bs, bs) for x in job)
         for step in range(skip, n_steps):
-            items = []
-            for _ in range(self.spec.batch_size):
-                item = next(it, None)
-                if item is None:
-                    raise RuntimeError(f"rank {rank} ran out of samples at batch {step} of epoch {epoch} "
-                                       f"(planned {n_steps}): the epoch plan and the shards disagree")
-                items.append(item)
-            yield collate(items)
+            job = [x for _, x in zip(range(bs), items)]
+            if len(job) < bs:
+                raise RuntimeError(f"rank {rank} ran out of samples at batch {step} of epoch {epoch} "
+                                   f"(planned {n_steps}): the epoch plan and the shards disagree")
+            yield job
 
 
 def collate(items: list[dict]) -> dict:
     return {k: torch.stack([x[k] for x in items]) for k in items[0]}
+
+
+def ordered_map(fn, jobs: Iterator, workers: int) -> Iterator:
+    """fn over jobs in `workers` threads, results in job order, at most `workers` jobs ahead.
+
+    Jobs are pulled from `jobs` in the consumer's thread; errors re-raise in the consumer; closing the
+    consumer cancels what is queued.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dad-loader")
+    pending: deque = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(fn, job))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:

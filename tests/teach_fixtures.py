@@ -78,8 +78,14 @@ def cache_arrays(root, teacher: str) -> dict[str, np.ndarray]:
 def tiny_hf_models(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Save a tiny Depth Anything and a tiny DPT (+ image processor) under folder/{da,dpt}."""
     import torch
-    from transformers import (DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTConfig,
-                              DPTForDepthEstimation, DPTImageProcessor)
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTImageProcessor,
+    )
 
     torch.manual_seed(seed)
     backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,

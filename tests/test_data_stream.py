@@ -172,12 +172,33 @@ def test_each_teacher_is_read_only_for_the_rows_drawn_for_it(cached, monkeypatch
     stream = stream_for(cached)
     names = {id(g): t for t, g in stream.groups.items()}
     reads: dict[str, list[int]] = {t: [] for t in stream.groups}
-    monkeypatch.setattr(data_mod, "read_rows", lambda g, rows: reads[names[id(g)]].extend(rows) or read_rows(g, rows))
+    real = data_mod.read_targets
+    monkeypatch.setattr(data_mod, "read_targets", lambda g, rows: reads[names[id(g)]].extend(rows) or real(g, rows))
     samples = list(stream.samples(2, 0, 1))
     teachers = list(cached.teachers)
     for t in teachers:
         drawn = sorted(int(s["row"]) for s in samples if teachers[int(s["teacher"])] == t)
         assert sorted(reads[t]) == drawn
+
+
+def test_masks_derived_from_values_equal_the_stored_masks(tmp_path):
+    """read_targets reads only the value arrays; the masks it derives are the stored ones, also for
+    NaN/inf predictions and float16 overflow (which write_shard marks invalid)."""
+    from pipeline.cache import ensure_cache, write_shard
+
+    root = Root(str(tmp_path))
+    group = ensure_cache(root, "t", 2, 3, 8, 2, 4, attrs={"output_space": "disparity"})
+    rng = np.random.default_rng(0)
+    g, loc = rng.uniform(0.5, 2, (3, 8, 8)), rng.uniform(0.5, 2, (3, 2, 4, 4))
+    g[0, 1, 2], g[1, 3, :], g[2, 0, 0], loc[1, 0, 2, 2], loc[2, 1, 0, :] = np.nan, np.inf, 1e6, -np.inf, 7e4
+    write_shard(group, 1, 3, g.astype(np.float32), loc.astype(np.float32))
+    opened = data_mod._OpenGroup(open_cache(root, "t"))
+    rows = [3, 4, 5, 0]  # the written shard, and a slot never written (all fill values)
+    derived, stored = data_mod.read_targets(opened, rows), read_rows(opened, rows)
+    assert derived.keys() == stored.keys()
+    assert 0 < stored["global_valid"].sum() < stored["global_valid"].size and not stored["local_valid"][3].any()
+    for k in stored:
+        assert np.array_equal(derived[k], stored[k], equal_nan=k in ("global", "local")), k
 
 
 def test_batch_targets_are_the_drawn_teachers_cache(cached):
@@ -237,7 +258,34 @@ def test_draws_change_with_the_epoch_and_repeat_with_it():
     assert a != [draw_teacher(p, 0, 1, r) for r in range(200)]
 
 
-# -- prefetch ------------------------------------------------------------------------------------
+# -- prefetch and parallel loading ------------------------------------------------------------------
+
+def test_threaded_loading_gives_the_same_batches_in_order(uneven):
+    stream = stream_for(train_config(uneven, jitter=0.1, batch_size=2))
+    for epoch in range(2):
+        n = EpochPlan({0: 5, 1: 2, 2: 3}, uneven.run.seed, 1, 2).steps(epoch)
+        plain = list(stream.batches(epoch, 0, 1, n))
+        for workers in (1, 3):
+            threaded = list(stream.batches(epoch, 0, 1, n, workers=workers))
+            assert len(threaded) == len(plain) == n
+            for a, b in zip(plain, threaded):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ordered_map_keeps_order_bounds_lookahead_and_reraises():
+    pulled = []
+
+    def jobs():
+        for i in range(30):
+            pulled.append(i)
+            yield i
+
+    out = data_mod.ordered_map(lambda x: (time.sleep(0.01 * (x % 3)), x * x)[1], jobs(), 3)
+    assert next(out) == 0 and len(pulled) <= 5
+    assert list(out) == [i * i for i in range(1, 30)]
+    with pytest.raises(ZeroDivisionError):
+        list(data_mod.ordered_map(lambda x: 1 / (x - 3), iter(range(6)), 2))
+
 
 def test_prefetch_keeps_order_and_reraises():
     assert list(prefetch(iter(range(50)), 3)) == list(range(50))

@@ -223,3 +223,14 @@ def test_scene_builds_do_not_leak_megabytes():
     for scene in built[20:]:
         scenes._Client(scene).__exit__()
     assert (rss_kb() - before) / 40 < 2000
+
+
+def test_meshes_split_over_several_multibodies_render_the_same(monkeypatch):
+    """pybullet caps links per multibody; splitting the scene's meshes must not change any output."""
+    whole = scenes.render_view(21, size=64)
+    monkeypatch.setattr(scenes, "LINKS_PER_BODY", 7)
+    split = scenes.render_view(21, size=64)
+    np.testing.assert_array_equal(whole.rgb, split.rgb)
+    np.testing.assert_array_equal(whole.depth, split.depth)
+    np.testing.assert_array_equal(whole.floor_mask, split.floor_mask)
+    assert whole.n_objects == split.n_objects > 0

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from teach_fixtures import tiny_hf_models
 
 from pipeline.config import TeacherCfg
 from stages.teachers import build_teacher, resize_to_multiple, spec_for
 from stages.teachers.hf import HFTeacher, ModelRef, parse_model_ref
-from teach_fixtures import tiny_hf_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,7 +149,7 @@ def test_local_directory_loads_without_revision_kwargs(monkeypatch, hf_models):
 # -- fingerprints -------------------------------------------------------------------------------
 
 def test_spec_fingerprint_follows_revision_weights_and_settings(tmp_path, hf_models):
-    fp = lambda tcfg, name="t": spec_for(name, tcfg).fingerprint  # noqa: E731
+    fp = lambda tcfg, name="t": spec_for(name, tcfg).fingerprint
     hub = TeacherCfg(adapter="hf", model="org/model", revision="aaa")
     assert fp(hub) == fp(hub.model_copy(update={"revision": "aaa"}))
     assert fp(hub) != fp(hub.model_copy(update={"revision": "bbb"}))

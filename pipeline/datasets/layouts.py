@@ -297,7 +297,9 @@ def outdoor(scene: Scene, rng) -> None:
         eye = np.append(rng.uniform(-10, 10, 2), rng.uniform(1.2, 2.0) if rng.random() < 0.7 else rng.uniform(2, 10))
         r = rng.random()
         pitch = rng.uniform(-30, 15) if r < 0.7 else rng.uniform(-80, -30) if r < 0.9 else rng.uniform(15, 30)
-        scene.cameras.append(look(eye, rng.uniform(0, 360), pitch, _roll(rng), rng.uniform(45, 80), 0.1, 300.0))
+        fov = rng.uniform(45, 80)
+        pitch = min(pitch, fov / 2 - 8)  # looking up, keep the ground in the bottom of the image
+        scene.cameras.append(look(eye, rng.uniform(0, 360), pitch, _roll(rng), fov, 0.1, 300.0))
     n_build = int(rng.integers(4, 11))
     for _ in range(n_build * 4):  # buildings on a ring around the cameras, fronts facing the centre
         b = props.building(rng)

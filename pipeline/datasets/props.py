@@ -169,7 +169,9 @@ def clutter(rng: np.random.Generator, s: float) -> Prop:
                      part(rng, "box", (w / 2, t, t), [0, 0, h - t], mat=mat),
                      part(rng, "box", (t, t, h / 2), [-w / 2, 0, h / 2], mat=mat),
                      part(rng, "box", (t, t, h / 2), [w / 2, 0, h / 2], mat=mat),
-                     part(rng, "box", (w / 2, t / 3, h / 2 - t), [0, 0, h / 2], role="poster", scale=w * 4)],
+                     part(rng, "box", (w / 2, t / 3, h / 2 - t), [0, 0, h / 2], mat=mat),  # backing board
+                     # the photograph once, unmirrored, on the front (-y) face
+                     part(rng, "poster", (w, h - 2 * t), [0, -t / 3 - 0.002, h / 2], rot_x(np.pi / 2), role="poster")],
                     w / 2 + t, h, kind)
     # rod: a thin pole, upright or lying
     r, length = s * rng.uniform(0.03, 0.08), s * rng.uniform(1.5, 4)

@@ -7,12 +7,12 @@ to float precision, for as many fresh images as wanted.
 
 How: ``layouts.build_scene`` draws a room, a cluttered tabletop or an outdoor lot (10-30 objects in
 view, thin structures, near occluders, photo and procedural textures with metric UVs) and four
-cameras, all from the scene seed; pybullet's CPU TinyRenderer (DIRECT mode, one client per call, so
-safe in multiprocessing pools and Ray workers) renders one camera. View ``seed`` shows camera
-``seed % 4`` of scene ``seed // 4``: ``render_view(seed)`` is a pure function of its seed, and
-``render_views`` builds each scene once for its consecutive seeds (a build costs about as much as
-two renders). Depth is z along the optical axis in metres, ``z = f·n / (f − (f − n)·zbuf)``;
-0 marks pixels with no surface (sky).
+cameras, all from the scene seed; pybullet's CPU TinyRenderer (DIRECT mode, a fresh client per
+scene build, disconnected after, so safe in multiprocessing pools and Ray workers) renders one
+camera. View ``seed`` shows camera ``seed % 4`` of scene ``seed // 4``: ``render_view(seed)`` is a
+pure function of its seed, and ``render_views`` builds each scene once for its consecutive seeds
+(a build costs about half a render). Depth is z along the optical axis in metres,
+``z = f·n / (f − (f − n)·zbuf)``; 0 marks pixels with no surface (sky).
 
 Lighting: TinyRenderer's directional light (random direction, colour, ambient/diffuse/specular),
 plus cast shadows from a second render from the sun or an indoor lamp and screen-space ambient
@@ -22,9 +22,15 @@ occlusion, both computed from exact depth (``shading.py``); sky and aerial haze 
 Anti-aliasing choice: the renderer samples textures nearest-neighbour without mipmaps and has no
 edge anti-aliasing. ``supersample=2`` renders at 2x and averages RGB over 2x2 blocks (depth: the
 harmonic mean of the block's majority surface, exact for planes), which removes the shimmer on
-distant floors but costs about 4x, far outside the 20 images/s goal. The default is
-``supersample=1``; textures are Lanczos-resized 256² tiles, so close surfaces stay crisp and only
-distant, strongly minified ones shimmer. ``bench/scenes_speed.py`` measures both.
+distant floors but costs about 3x (measured 3.8 vs 10.3 images per CPU-second), far outside the
+20 images/s goal. The default is ``supersample=1``; textures are Lanczos-resized 256² tiles, so
+close surfaces stay crisp and only distant, strongly minified ones shimmer.
+
+Speed (``bench/scenes_speed.py``, 256², this 2-core machine while shared with other jobs): ~10
+images per CPU-second per process: ~35 ms main render, ~13 ms shadows (in ~70% of views), ~19 ms
+scene build and ~5 ms layout per view (a build is shared by 4 views). Two processes gave 9.6
+images/s at load average 3.5; an idle 2-core machine would give about 2 x 10 (not measured: this
+machine was never idle).
 
 Memory: pybullet 3.2.7 leaks what ``createVisualShape`` is given; ``bullet_args`` removes most of it,
 about 0.4-0.7 MB per scene remains inside pybullet. Pools (``processes > 1``) restart workers every
@@ -52,6 +58,8 @@ from pipeline.datasets.textures import texture_files
 RECYCLE_AFTER_SCENES = 256  # pool workers restart after this many scenes: bounds pybullet's native leak
 MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"
 SHADOW_MAP_SIZE = 128  # pixels of the light's view used for cast shadows
+LINKS_PER_BODY = 120  # pybullet's createMultiBody takes at most 128 links
+MAX_BODIES = 16
 
 
 @dataclass
@@ -116,16 +124,34 @@ class _Client:
         files = texture_files()
         tex_ids = {name: p.loadTexture(files[name], physicsClientId=self.cid)
                    for name in sorted({part.texture for part in scene.parts})}
-        self.group_of_body: dict[int, int] = {}
-        pool = arg_pool()
-        for (group, texture, tint), mesh in _merged_meshes(scene):
+        pool, shapes, centres = arg_pool(), [], []
+        merged = _merged_meshes(scene)
+        for _, mesh in merged:
             centre = (mesh.vertices.min(axis=0) + mesh.vertices.max(axis=0)) / 2
             args = pool.mesh_kwargs(mesh.vertices - centre, mesh.normals, mesh.uvs, mesh.indices)
-            vs = p.createVisualShape(p.GEOM_MESH, physicsClientId=self.cid, **args)
-            body = p.createMultiBody(baseVisualShapeIndex=vs, basePosition=centre.tolist(), physicsClientId=self.cid)
-            p.changeVisualShape(body, -1, textureUniqueId=tex_ids[texture], rgbaColor=[*tint, 1.0],
-                                physicsClientId=self.cid)
-            self.group_of_body[body] = group
+            shapes.append(p.createVisualShape(p.GEOM_MESH, physicsClientId=self.cid, **args))
+            centres.append(centre.tolist())
+        # one fixed link per mesh in a few multibodies (pybullet allows 128 links each): ~3x faster than
+        # a body per mesh. Segmentation then reports body + ((link + 1) << 24) per pixel.
+        self.lut = np.full((MAX_BODIES + 1, LINKS_PER_BODY + 1), -100, np.int64)  # last row/col: nothing
+        for start in range(0, len(shapes), LINKS_PER_BODY):
+            body = self._multibody(shapes[start : start + LINKS_PER_BODY], centres[start : start + LINKS_PER_BODY])
+            for link, ((group, texture, tint), _) in enumerate(merged[start : start + LINKS_PER_BODY]):
+                p.changeVisualShape(body, link, textureUniqueId=tex_ids[texture], rgbaColor=[*tint, 1.0],
+                                    physicsClientId=self.cid)
+                self.lut[body, link] = group
+
+    def _multibody(self, shapes: list[int], centres: list[list[float]]) -> int:
+        p, n = self.p, len(shapes)
+        body = p.createMultiBody(
+            baseVisualShapeIndex=-1, linkMasses=[0.0] * n, linkCollisionShapeIndices=[-1] * n,
+            linkVisualShapeIndices=shapes, linkPositions=centres, linkOrientations=[[0.0, 0.0, 0.0, 1.0]] * n,
+            linkInertialFramePositions=[[0.0, 0.0, 0.0]] * n, linkInertialFrameOrientations=[[0.0, 0.0, 0.0, 1.0]] * n,
+            linkParentIndices=[0] * n, linkJointTypes=[p.JOINT_FIXED] * n, linkJointAxis=[[0.0, 0.0, 1.0]] * n,
+            physicsClientId=self.cid)
+        if not 0 <= body < MAX_BODIES:
+            raise RuntimeError(f"pybullet refused a multibody of {n} links (id {body})")
+        return body
 
     def __enter__(self):
         return self
@@ -139,15 +165,16 @@ class _Client:
         view = p.computeViewMatrix(cam.eye.tolist(), (cam.eye + cam.R[:, 2]).tolist(), (-cam.R[:, 1]).tolist())
         proj = p.computeProjectionMatrixFOV(cam.fov_deg, 1.0, cam.near, cam.far)
         _, _, rgba, zbuf, seg = p.getCameraImage(size, size, view, proj, renderer=p.ER_TINY_RENDERER,
+                                                 flags=p.ER_SEGMENTATION_MASK_OBJECT_AND_LINKINDEX,
                                                  physicsClientId=self.cid, **light)
         rgb = np.asarray(rgba, np.uint8).reshape(size, size, 4)[:, :, :3]
         zbuf = np.asarray(zbuf, np.float64).reshape(size, size)
         seg = np.asarray(seg, np.int64).reshape(size, size)
         depth = cam.far * cam.near / (cam.far - (cam.far - cam.near) * zbuf)
-        lut = np.full(max(self.group_of_body) + 2, -100, np.int64)
-        for body, group in self.group_of_body.items():
-            lut[body] = group
-        groups = np.where(seg >= 0, lut[np.clip(seg, 0, len(lut) - 1)], -100)
+        hit = seg >= 0
+        body = np.where(hit, seg & 0xFFFFFF, -1)  # -1 indexes the lut's "nothing" row/column
+        link = np.where(hit, (seg >> 24) - 1, -1)
+        groups = self.lut[body, link]
         return rgb, np.where(groups > -100, depth, 0.0), groups
 
 
