@@ -3,21 +3,25 @@
 * `P2_ingest_efficiency` — steps/s of the training loop streaming from the run root (tar shards +
   Zarr targets through `student.data.TargetStream` with `train.prefetch` loader threads, exactly as
   `stages/train.py` runs it) ÷ steps/s of the same loop over the same batches already held in memory.
-  Same student, optimizer and steps; best of `repeats` interleaved timings each (the machine is
-  shared). Goal ≥ 0.97.
-* `P3_cached_vs_online` — wall time of `dad teach` (both teachers, once) + 3 epochs of training from
-  the cache ÷ wall time of 3 epochs of the paper's online recipe, where every step runs both teachers
-  on the step's global input and its K local patches (PAPER §3.6) and then trains on the drawn
-  teacher's maps. Same student, data, draws and steps. The teachers are `checkpoint`-adapter tiny
-  students run at the student's input size (as the paper's teachers see the 560² global input and
-  560² local windows), so teacher inference has a real cost. Goal ≤ 0.45.
+  Same student, optimizer and steps. Each repetition times in-memory then streaming back to back; the
+  value is the median of these paired ratios (the machine is shared). The detail also gives the CPU
+  cost of ingest alone vs the step alone, which bounds the ratio when no core is idle. Goal ≥ 0.97.
+* `P3_cached_vs_online` — cost of `dad teach` (both teachers, once) + 3 epochs of training from the
+  cache ÷ cost of 3 epochs of the paper's online recipe, where every step runs both teachers on the
+  step's global input and its K local patches (PAPER §3.6) and then trains on the drawn teacher's
+  maps. Same student, data, draws and steps. The teachers are `checkpoint`-adapter tiny students run
+  at the student's input size (as the paper's teachers see the 560² global input and 560² local
+  windows), so teacher inference has a real cost. The value is measured in process CPU time, which
+  other jobs on a shared machine do not inflate; wall times and their ratio are in the detail (on an
+  idle machine wall ≈ CPU: one torch thread per recipe). Goal ≤ 0.45.
 
-Everything runs on one CPU thread for torch (plus the prefetch thread), on generated photo-like
+Everything runs on one CPU thread for torch (plus the loader threads), on generated photo-like
 images, inline (no Ray), in a temporary folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -30,20 +34,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from train_fixtures import build_cached_run, live_student, stream_for  # noqa: E402
+from train_fixtures import build_cached_run, live_student, stream_for
 
-from pipeline.corpus import iter_shard  # noqa: E402
-from pipeline.images import decode_trusted  # noqa: E402
-from stages.teach import predict_batched, resample, sample_inputs  # noqa: E402
-from student.checkpoint import load_checkpoint  # noqa: E402
-from student.data import EpochPlan, collate, draw_teacher, prefetch  # noqa: E402
-from student.trainer import StepConfig, freeze_unused, make_optimizer, make_scheduler, train_step  # noqa: E402
+from pipeline.corpus import iter_shard
+from pipeline.images import decode_trusted
+from stages.teach import predict_batched, resample, sample_inputs
+from student.checkpoint import load_checkpoint
+from student.data import EpochPlan, collate, draw_teacher, prefetch
+from student.trainer import StepConfig, freeze_unused, make_optimizer, make_scheduler, train_step
 
-SIZES = {  # (images, image size, crops, batch, steps timed for P2)
-    False: dict(n=32, size=(192, 144), crops=dict(min_region=112, patch=84, global_size=112, local_store=56),
-                batch=4, shard=8, p2_steps=8, repeats=3),
-    True: dict(n=12, size=(96, 72), crops=dict(min_region=56, patch=42, global_size=56, local_store=28),
-               batch=2, shard=4, p2_steps=4, repeats=2),
+SIZES = {  # quick → corpus, crops, batch; P2 times p2_steps steps, `repeats` paired repetitions
+    False: {"n": 32, "size": (192, 144), "batch": 4, "shard": 8, "p2_steps": 8, "repeats": 7,
+            "crops": {"min_region": 112, "patch": 84, "global_size": 112, "local_store": 56}},
+    True: {"n": 12, "size": (96, 72), "batch": 2, "shard": 4, "p2_steps": 4, "repeats": 3,
+           "crops": {"min_region": 56, "patch": 42, "global_size": 56, "local_store": 28}},
 }
 
 
@@ -100,13 +104,27 @@ def bench_p2(folder: Path, quick: bool) -> dict:
         memory.append(_time_loop(_trainer(cfg, ckpt), held)[0])
         del held
         streamed.append(_time_loop(_trainer(cfg, ckpt), stream.batches(1, 0, 1, n, workers=cfg.train.prefetch))[0])
-    ratio = min(memory) / min(streamed)
-    return {"value": round(ratio, 3), "unit": "ratio", "goal": ">= 0.97",
+    paired = [m / st for m, st in zip(memory, streamed)]  # each repetition: in-memory, then streaming
+    # CPU cost of ingest alone vs the step alone: on a machine with no idle core, streaming can be no
+    # faster than train / (train + ingest) of the in-memory speed, whatever the overlap.
+    t0 = time.process_time()
+    for _ in stream.batches(1, 0, 1, n, workers=cfg.train.prefetch):
+        pass
+    ingest_cpu = (time.process_time() - t0) / n
+    held, step = list(stream.batches(1, 0, 1, n)), _trainer(cfg, ckpt)
+    t0 = time.process_time()
+    _time_loop(step, held)
+    train_cpu = (time.process_time() - t0) / n
+    return {"value": round(statistics.median(paired), 3), "unit": "ratio (median of paired runs)", "goal": ">= 0.97",
             "detail": {"steps": n, "batch": p["batch"], "global_size": cfg.crops.global_size,
-                       "prefetch": cfg.train.prefetch, "streaming_steps_per_s": round(n / min(streamed), 3),
+                       "loader_threads": cfg.train.prefetch, "ingest_cpu_s_per_step": round(ingest_cpu, 4),
+                       "train_cpu_s_per_step": round(train_cpu, 4),
+                       "no_idle_core_bound": round(train_cpu / (train_cpu + ingest_cpu), 3),
+                       "streaming_steps_per_s": round(n / min(streamed), 3),
                        "in_memory_steps_per_s": round(n / min(memory), 3),
                        "streaming_s": [round(x, 2) for x in streamed], "in_memory_s": [round(x, 2) for x in memory],
-                       "median_ratio": round(statistics.median(memory) / statistics.median(streamed), 3)}}
+                       "paired_ratios": [round(x, 3) for x in paired],
+                       "best_of_ratio": round(min(memory) / min(streamed), 3)}}
 
 
 # -- P3 ------------------------------------------------------------------------------------------
@@ -178,9 +196,10 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
                 "b": {"adapter": "checkpoint", "model": str(folder / "teacher_b.pt"), "input_size": g,
                       "batch_size": 8, "prior": 0.3}}
     # the cached recipe: shard (shared by both recipes, not timed), teach once, score, 3 epochs from the cache
+    from train_fixtures import raw_config
+
     import stages.shard
     from pipeline.config import load_config
-    from train_fixtures import raw_config
 
     src = _corpus(folder / "src", p["n"], p["size"])
     cfg = load_config(raw=raw_config(folder / "root", src, teachers, p["shard"], crops=p["crops"],
@@ -188,39 +207,83 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
     stages.shard.run(cfg)
     ckpt = str(folder / "student.pt")
     live_student(ckpt, seed=7)
-    t0 = time.perf_counter()
-    stages.teach.run(cfg)
-    teach_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stages.score.run(cfg)
-    score_s = time.perf_counter() - t0
+    clock = Clock()
+    with clock("teach"):
+        stages.teach.run(cfg)
+    with clock("score"):
+        stages.score.run(cfg)
     stream = stream_for(cfg)
     plan = EpochPlan({s: len(r) for s, r in stream.shard_rows.items()}, cfg.run.seed, 1, p["batch"])
-    step = _trainer(cfg, ckpt)
-    cached_s, steps = 0.0, 0
-    for epoch in range(epochs):
-        dt, k = _time_loop(step, stream.batches(epoch, 0, 1, plan.steps(epoch), workers=cfg.train.prefetch))
-        cached_s, steps = cached_s + dt, steps + k
+    step, steps = _trainer(cfg, ckpt), 0
+    with clock("cached"):
+        for epoch in range(epochs):
+            steps += _time_loop(step, stream.batches(epoch, 0, 1, plan.steps(epoch), workers=cfg.train.prefetch))[1]
     # the online recipe: same student, samples, draws and steps; both teachers inside every step
-    t0 = time.perf_counter()
-    models = [build_teacher(n, cfg.teachers[n]) for n in ("a", "b")]  # loading them is part of the recipe
-    online_s, online_steps = time.perf_counter() - t0, 0
-    online = OnlineStream(cfg, stream, models)
-    step = _trainer(cfg, ckpt)
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        for items in prefetch(online.raw(epoch, plan.steps(epoch)), cfg.train.prefetch):
-            step(online.batch(items, epoch))
-            online_steps += 1
-        online_s += time.perf_counter() - t0
+    online_steps = 0
+    with clock("online"):
+        models = [build_teacher(n, cfg.teachers[n]) for n in ("a", "b")]  # loading them is part of the recipe
+        online = OnlineStream(cfg, stream, models)
+        step = _trainer(cfg, ckpt)
+        for epoch in range(epochs):
+            for items in prefetch(online.raw(epoch, plan.steps(epoch)), cfg.train.prefetch):
+                step(online.batch(items, epoch))
+                online_steps += 1
     assert online_steps == steps
-    ratio = (teach_s + cached_s) / online_s
-    return {"value": round(ratio, 3), "unit": "ratio", "goal": "<= 0.45",
+    wall, cpu = clock.wall, clock.cpu
+    # per epoch: S = training from the cache, T = the teachers' share of an online epoch; the cached recipe
+    # pays T once, so over n epochs the ratio is (teach + n·S) / (n·(T + S)) → teach / (n·T) for costly teachers
+    S, T = cpu["cached"] / epochs, (cpu["online"] - cpu["cached"]) / epochs
+    return {"value": round((cpu["teach"] + cpu["cached"]) / cpu["online"], 3), "unit": "ratio of CPU time",
+            "goal": "<= 0.45",
             "detail": {"epochs": epochs, "steps": steps, "samples": sum(len(r) for r in stream.shard_rows.values()),
                        "batch": p["batch"], "global_size": g, "local_count": cfg.crops.local_count,
-                       "teach_s": round(teach_s, 2), "cached_train_s": round(cached_s, 2),
-                       "online_train_s": round(online_s, 2), "score_s": round(score_s, 2),
-                       "ratio_including_score": round((teach_s + score_s + cached_s) / online_s, 3)}}
+                       "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+                       "wall_s": {k: round(v, 2) for k, v in wall.items()},
+                       "wall_ratio": round((wall["teach"] + wall["cached"]) / wall["online"], 3),
+                       "ratio_including_score": round((cpu["teach"] + cpu["score"] + cpu["cached"]) / cpu["online"], 3),
+                       "teacher_to_student_cost": round(T / S, 2),
+                       "projected_ratio_10_epochs": round((cpu["teach"] + 10 * S) / (10 * (T + S)), 3),
+                       "larger_teachers": _larger_teachers(g, cpu["teach"], T, S, epochs)}}
+
+
+def _larger_teachers(g: int, teach: float, T: float, S: float, epochs: int) -> dict:
+    """The same measurement projected to teachers that cost k× a tiny student per forward (k measured
+    for the `small` preset, a ViT-S/14 like Depth Anything v2 Small): teach and T scale by k, S does not."""
+    from student.model import build_student
+
+    x = torch.rand(5, 3, g, g, generator=torch.Generator().manual_seed(0))  # 1 global + K = 4 locals
+    cost = {}
+    for size in ("tiny", "small"):
+        model = build_student(size).eval()
+        with torch.no_grad():
+            model(x)
+            t0 = time.process_time()
+            for _ in range(5):
+                model(x)
+        cost[size] = time.process_time() - t0
+    k = cost["small"] / cost["tiny"]
+    return {"small_vs_tiny_forward_cost": round(k, 2),
+            "projected_ratio_small_teachers": round((k * teach + epochs * S) / (epochs * (k * T + S)), 3)}
+
+
+class Clock:
+    """Wall and process CPU time per named block. CPU time (all threads of this process) does not grow
+    when other processes load the machine, so it is the stable measure on a shared box; each recipe
+    runs one torch thread, so on an idle machine wall ≈ CPU (the cached recipe's loader threads run in
+    parallel: its wall time is lower still)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
 
 def run(quick: bool = False) -> dict:

@@ -12,12 +12,20 @@ one corpus shard, written in one call by one task — zarr-python loses data whe
 one shard (STACK.md). Values are float16 through Blosc-zstd with byte shuffle: smooth depth maps
 compress to well under a third of their float32 size (bench P4). Predictions are stored in the
 teacher's declared output space; `as_disparity` converts when reading.
+
+Corruption is never trained on (issue #9, R3). Two layers:
+* every inner chunk carries a CRC32C (zarr's `crc32c` codec after the compressor), so a flipped byte
+  fails at decode instead of decoding to plausible garbage; `read_rows` turns any decode failure into
+  a `CacheCorruptError` that names the teacher and shard and the command that repairs it;
+* the teach marker records the size and sha256 of the four stored shard objects (`shard_digests`);
+  `check_shard` compares them — by size (cheap: `dad teach` always) or by sha256 (`dad teach
+  --verify`, and `dad train` before it reads) — and a cell that fails is recomputed by `dad teach`.
+  This also catches what a checksum inside the object cannot: a deleted, truncated or swapped object.
 """
 
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Mapping
 
 import numpy as np
@@ -86,6 +94,7 @@ def write_shard(group: zarr.Group | Mapping[str, zarr.Array], shard: int, shard_
 
     start, stop = shard * shard_size, (shard + 1) * shard_size
     arrays = {name: group[name] for name in ARRAYS}
+    _drop_shard(arrays, shard)
     invalid = {}
     for name, pred in (("global", global_pred), ("local", local_pred)):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -96,6 +105,17 @@ def write_shard(group: zarr.Group | Mapping[str, zarr.Array], shard: int, shard_
         arrays[f"{name}_valid"][start:stop] = pad(valid, False)
         invalid[name] = int((~valid).sum())
     return {"invalid_global_px": invalid["global"], "invalid_local_px": invalid["local"]}
+
+
+def _drop_shard(arrays: Mapping[str, zarr.Array], shard: int) -> None:
+    """Delete the stored shard objects a whole-shard write replaces. zarr-python reads an existing shard
+    before writing into it, even when the write covers all of it: a corrupt shard (the reason it is being
+    recomputed) would fail that read, and a sound one would be read for nothing."""
+    from zarr.core.sync import sync
+
+    for name, arr in arrays.items():
+        sp = arr.store_path
+        sync(sp.store.delete("/".join(p for p in (sp.path, *shard_key(name, shard).split("/")[1:]) if p)))
 
 
 def open_arrays(group: zarr.Group) -> dict[str, zarr.Array]:

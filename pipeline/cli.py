@@ -240,7 +240,7 @@ def report(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
 @zoo_app.command("build")
 def zoo_build(out_dir: Annotated[str, typer.Option("--out", help="where to write the zoo")] = "zoo",
               seed: Annotated[int, typer.Option(help="seed (the build is reproducible)")] = 0,
-              renders: Annotated[int, typer.Option(help="rendered training views")] = 1600,
+              renders: Annotated[int, typer.Option(help="rendered training views")] = 800,
               steps: Annotated[Optional[int], typer.Option(help="training steps per teacher (default: recipe)")] = None):
     """Train the two small teachers of the embedded default on rendered scenes (seeded, minutes on a CPU)."""
     _setup_logging()

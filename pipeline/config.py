@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,15 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def folder_name(value: str, what: str) -> str:
+    """A name that becomes one folder under the run root (cache/<teacher>, train/<name>): it must not
+    climb out of it or name several levels (dots and spaces are fine)."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\") or any(ord(c) < 32 for c in value):
+        raise ValueError(f"{what} {value!r} cannot be used as a folder name under the run root "
+                         f"(no '/', '\\', control characters, and not '', '.' or '..')")
+    return value
 
 
 class RunCfg(Section):
@@ -126,7 +135,15 @@ class StudentCfg(Section):
 
 class TrainCfg(Section):
     name: str = "student"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return folder_name(v, "train.name")
     steps: int = Field(200, ge=1)
+    seed: int | None = Field(None, description="training seed (init of random parts, data order, teacher draws, "
+                                               "augmentation); None = run.seed. Unlike run.seed it leaves the corpus "
+                                               "and crop plan alone, so seeds of one corpus can be compared")
     batch_size: int = Field(4, ge=1)
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
@@ -184,6 +201,13 @@ class DadConfig(Section):
     student: StudentCfg = Field(default_factory=StudentCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_names(cls, v: dict) -> dict:
+        for name in v:
+            folder_name(name, "teacher name")
+        return v
 
     def section_fingerprint(self, *keys: str) -> str:
         """Stable hash of the named sections (dotted keys allowed, e.g. 'run.seed')."""

@@ -23,8 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import (LAYOUT, check_shard, ensure_cache, object_sizes, open_arrays, open_cache, shard_digests,
-                            write_shard)
+from pipeline.cache import (
+    LAYOUT,
+    check_shard,
+    ensure_cache,
+    object_sizes,
+    open_arrays,
+    open_cache,
+    shard_digests,
+    write_shard,
+)
 from pipeline.config import DadConfig, TeacherCfg, fingerprint
 from pipeline.corpus import iter_shard, shard_ids, shard_name
 from pipeline.crops import box_pixels
@@ -92,7 +100,7 @@ class TeachWorker:
         return {k: np.array([r[k] for r in results]) for k in results[0]}
 
     def process(self, shard: int) -> dict:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         crops, bs = self.cfg.crops, self.tcfg.batch_size
         globals_, locals_ = [], []
         for record, region in iter_shard(self.root, shard):
@@ -106,7 +114,8 @@ class TeachWorker:
         l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
         stats = write_shard(self.arrays, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
         objects = shard_digests(self.root, self.name, shard)  # what `check_shard` verifies later
-        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3), "node": _node_id(), **stats,
+        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3),
+                "cpu_seconds": round(time.process_time() - c0, 3), "node": _node_id(), **stats,
                 "objects": objects}
         self.ledger.mark(STAGE, self.name, shard_name(shard), self.fp, info)
         return {k: v for k, v in info.items() if k != "objects"}  # flat values only (a Ray Data row)
@@ -141,7 +150,10 @@ def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int]
         remote_args["resources"] = tcfg.resources
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(TeachWorker, fn_constructor_args=(root, cfg, name, fp), batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(todo))), **remote_args)
+                        # A task is a whole shard and its input one integer: nothing to prefetch, so each
+                        # actor holds one task at a time and no shard waits behind a busy actor at the end.
+                        compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(todo)),
+                                                           max_tasks_in_flight_per_actor=1), **remote_args)
     out = []
     with progress(len(todo), f"teach {name}") as bar:
         try:

@@ -15,11 +15,13 @@ learning rates and the predictions' median and spread (students drift in scale, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -32,8 +34,14 @@ from pipeline.runtime import init_ray, use_inline
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
 from student.data import EpochPlan, StreamSpec, TargetStream
-from student.trainer import (StepConfig, freeze_unused, frozen_encoder, make_optimizer, make_scheduler,
-                             train_step)
+from student.trainer import (
+    StepConfig,
+    freeze_unused,
+    frozen_encoder,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 
 log = logging.getLogger("dad.train")
 STAGE = "train"
@@ -43,12 +51,19 @@ RESUME_FREE = {"steps", "checkpoint_every", "log_every", "workers", "cpus_per_wo
                "resources_per_worker", "prefetch", "name"}
 
 
+def train_seed(cfg: DadConfig) -> int:
+    """The training seed: `train.seed`, else `run.seed` (which also seeds the corpus's crop plan)."""
+    return cfg.run.seed if cfg.train.seed is None else cfg.train.seed
+
+
 def train_fingerprint(cfg: DadConfig) -> str:
     """What the weights depend on (not the step budget or the number of workers' resources)."""
     tfps = teacher_fps(cfg)
     sel = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
-    return fingerprint({"train": cfg.train.model_dump(exclude=RESUME_FREE), "student": cfg.student.model_dump(),
-                        "selection": sel, "seed": cfg.run.seed, "workers": cfg.train.workers})
+    # train.seed unset leaves the fingerprint exactly as before the key existed (existing runs resume)
+    skip = RESUME_FREE | ({"seed"} if cfg.train.seed is None else set())
+    return fingerprint({"train": cfg.train.model_dump(exclude=skip), "student": cfg.student.model_dump(),
+                        "selection": sel, "seed": train_seed(cfg), "workers": cfg.train.workers})
 
 
 # -- checks before any worker starts ------------------------------------------------------------
@@ -180,14 +195,20 @@ def worker_loop(config: dict) -> None:
     rank, world = 0, 1
     if config.get("ray"):
         import ray.train
+        import ray.train.torch
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.get("threads", 1))
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg.run.seed)
-    device = torch.device("cuda" if t.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(train_seed(cfg))
+    device = torch.device("cpu")
+    if t.gpus_per_worker > 0 and torch.cuda.is_available():
+        # Ray Train shows every worker all the GPUs its node gives the group; each takes its own
+        # (cuda:local_rank), not cuda:0 — else all workers of a node would share one GPU.
+        device = ray.train.torch.get_device() if config.get("ray") else torch.device("cuda")
+        torch.cuda.set_device(device)
     root = Root(cfg.run.root)
     from student.checkpoint import load_checkpoint, save_checkpoint
 
@@ -219,14 +240,12 @@ def worker_loop(config: dict) -> None:
     frozen = frozen_encoder(model).to(device) if t.feature_loss else None
     model.to(device)
     if world > 1:
-        import ray.train.torch
-
         model = ray.train.torch.prepare_model(model, move_to_device=False)
-    spec = StreamSpec(root, tuple(cfg.teachers), cfg.crops.global_size, t.batch_size, cfg.run.seed, t.flip,
+    spec = StreamSpec(root, tuple(cfg.teachers), cfg.crops.global_size, t.batch_size, train_seed(cfg), t.flip,
                       t.jitter, cfg.score.policy == "mix")
     selection, shard_rows = load_selection(root, cfg)
     stream = TargetStream(spec, selection, shard_rows)
-    plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.run.seed, world, t.batch_size)
+    plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), world, t.batch_size)
     step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, t.feature_loss)
     writer = _tensorboard(root, t.name) if rank == 0 else None
     step, t0, seen = start, time.time(), 0
@@ -314,7 +333,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
     check_recorded(root, cfg, STAGE)
     # Fail early, with the command to run, before any worker starts.
     _, shard_rows = load_selection(root, cfg)
-    EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.run.seed, t.workers, t.batch_size).locate(0)
+    EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), t.workers, t.batch_size).locate(0)
     if t.init_from:
         check_compatible(cfg, t.init_from, "--init-from")
     if latest := latest_checkpoint(root, t.name):
@@ -330,15 +349,52 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
     with stage_lock(root, STAGE, t.name, break_lock=break_lock, command=f"dad train --name {t.name}"):
         ledger.mark(STAGE, t.name, "run", fp, {"started": time.time()})
         payload = {"cfg": cfg.model_dump(mode="json"), "fingerprint": fp}
-        if use_inline(cfg.run, root.process_local):
-            if t.workers > 1:
-                raise ValueError("train.workers > 1 needs Ray (not a memory:// root or the inline executor)")
-            worker_loop({**payload, "threads": torch.get_num_threads()})
-        else:
-            _fit_on_ray(cfg, payload, address)
+        with _progress_from_log(root, t):
+            if use_inline(cfg.run, root.process_local):
+                if t.workers > 1:
+                    raise ValueError("train.workers > 1 needs Ray (not a memory:// root or the inline executor)")
+                worker_loop({**payload, "threads": torch.get_num_threads()})
+            else:
+                _fit_on_ray(cfg, payload, address)
         summary = root.read_json("train", t.name, "summary.json")
         ledger.mark(STAGE, t.name, "final", fp, summary)
     return {"stage": STAGE, "name": t.name, "workers": t.workers, **summary, "seconds": round(time.time() - t0, 2)}
+
+
+@contextlib.contextmanager
+def _progress_from_log(root: Root, t):
+    """A progress bar (step, loss, throughput) fed by tailing metrics.jsonl: the same for inline and Ray
+    workers, whose output does not reach this terminal."""
+    from pipeline.runtime import progress
+
+    stop = threading.Event()
+    bar = progress(t.steps, f"train {t.name}")
+    last: list = [None]
+
+    def poll() -> None:
+        try:
+            text = root.read_bytes("train", t.name, "metrics.jsonl").decode()
+            record = json.loads(text.rstrip().rsplit("\n", 1)[-1])
+        except Exception:  # noqa: BLE001 - no log yet, or a line being written: try again later
+            return
+        if record != last[0]:
+            last[0] = record
+            bar.update(0, completed=record["step"], description=(
+                f"train {t.name} loss {record['loss_total']:.4f} {record['samples_per_s']:.1f} samples/s"))
+
+    def watch():
+        while not stop.wait(1.0 if root.is_local else 5.0):
+            poll()
+
+    thread = threading.Thread(target=watch, daemon=True, name="dad-train-progress")
+    with bar:
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            poll()
 
 
 def _fit_on_ray(cfg: DadConfig, payload: dict, address: str | None) -> None:
@@ -360,7 +416,7 @@ def _fit_on_ray(cfg: DadConfig, payload: dict, address: str | None) -> None:
                              storage_path=os.path.join(tempfile.gettempdir(), "dad-ray-train")))
     try:
         trainer.fit()
-    except Exception as err:  # noqa: BLE001 - show the worker's own error, not Ray's wrapper
+    except Exception as err:
         raise RuntimeError(f"training failed: {_worker_error(err)}") from err
 
 
@@ -375,7 +431,9 @@ def _worker_error(err: BaseException) -> str:
             cause = cause.__cause__
         text = str(cause).strip()
         # Ray's per-worker exception carries the formatted traceback; its last line is the error itself.
-        last = text.splitlines()[-1] if text else type(cause).__name__
+        last = text.splitlines()[-1] if text else ""
+        if not re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", last):
+            last = f"{type(cause).__name__}: {last}"
         return f"rank {rank}: {last}"
     while err.__cause__ is not None:
         err = err.__cause__

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
 import tempfile
 
 import fsspec
@@ -55,11 +56,20 @@ def save_checkpoint(model: StudentModel, target, extra: dict | None = None, half
 
 def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel, dict | None]:
     """Rebuild the model from a checkpoint path/URL or binary file object; returns (model, extra)."""
-    if hasattr(source, "read"):
-        payload = torch.load(source, map_location=map_location, weights_only=True)
-    else:
-        with fsspec.open(str(source), "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+    try:
+        if hasattr(source, "read"):
+            payload = torch.load(source, map_location=map_location, weights_only=True)
+        else:
+            with fsspec.open(str(source), "rb") as f:
+                payload = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        # The weights-only unpickler refused the file (it holds more than tensors and plain data: a
+        # pickle that would run code), or the file is not a torch file at all. Nothing in it was executed.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source!r} is not a loadable {FORMAT} checkpoint (refused by the weights-only "
+                              f"loader, nothing in it was run): {type(e).__name__}: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{source!r} is not a {FORMAT} checkpoint")
     if payload.get("version") != VERSION:

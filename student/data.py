@@ -136,7 +136,7 @@ def read_targets(group, rows: list[int]) -> dict[str, np.ndarray]:
     for name in ("global", "local"):
         try:
             out[name] = group[name].get_orthogonal_selection((index,))
-        except Exception as err:  # noqa: BLE001 - whatever the codec raised, the cause is the stored bytes
+        except Exception as err:
             teacher = str(group.attrs.get("teacher", {}).get("name", "?"))
             raise CacheCorruptError(
                 f"cached targets of teacher {teacher!r} ({name}, rows {sorted(set(rows))[:5]}) cannot be decoded: "
@@ -254,7 +254,7 @@ class TargetStream:
         The batches are the same either way.
         """
         jobs = self._batch_jobs(epoch, rank, world, n_steps, skip)
-        make = lambda job: collate(self._prepare(job, epoch))  # noqa: E731
+        make = lambda job: collate(self._prepare(job, epoch))
         if workers <= 0:
             yield from map(make, jobs)
         else:  # shard tars are read a few batches ahead in their own thread, never in the training loop

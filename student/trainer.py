@@ -2,10 +2,10 @@
 
 Per step: the student predicts the G×G global input once; `L_sc` compares it with the chosen
 teacher's global target, `L_lg` cuts it at the K stored boxes and compares with the teacher's local
-predictions, `L_grad` matches gradients of the normalised residual, and `L_feat` (optional) keeps
-the encoder's tokens near a frozen copy of the initial encoder. AdamW with separate encoder and
-decoder learning rates (paper: 5e-6 / 5e-5), linear warm-up then poly(0.9) decay, gradient
-clipping, bf16 autocast on GPU.
+predictions, `L_grad` matches gradients of the normalised shared-context residual (so only with
+`use_sc`), and `L_feat` (optional) keeps the encoder's tokens near a frozen copy of the initial
+encoder. AdamW with separate encoder and decoder learning rates (paper: 5e-6 / 5e-5), linear
+warm-up then poly(0.9) decay, gradient clipping, bf16 autocast on GPU.
 
 This module is pure torch: it knows nothing of Ray. `stages/train.py` gives it a rank, a world
 size, a model wrapper (DDP) and a place to write checkpoints.
@@ -89,7 +89,8 @@ def losses(pred: torch.Tensor, batch: dict, cfg: StepConfig, feats=None, frozen_
     if cfg.use_lg:
         terms["lg"] = local_global_loss(pred, batch["locals"], batch["boxes"], batch["local_valid"], cfg.norm)
         total = total + cfg.lambda_lg * terms["lg"]
-    if cfg.lambda_grad:
+    if cfg.lambda_grad and cfg.use_sc:  # L_grad lives on the shared-context pair (PAPER §3.4 [choice]): a
+        # local-global-only run (use_sc = false) must not get shared-context supervision through it
         grad_norm = "global" if cfg.norm == "none" else cfg.norm
         terms["grad"] = gradient_loss(pred, batch["target"], batch["valid"], grad_norm)
         total = total + cfg.lambda_grad * terms["grad"]
@@ -101,7 +102,8 @@ def losses(pred: torch.Tensor, batch: dict, cfg: StepConfig, feats=None, frozen_
 
 
 def train_step(model, batch: dict, opt, sched, cfg: StepConfig, grad_clip: float, frozen=None,
-               device: torch.device = torch.device("cpu"), amp: bool = False) -> dict[str, float]:
+               device: torch.device | None = None, amp: bool = False) -> dict[str, float]:
+    device = device or torch.device("cpu")
     model.train()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):

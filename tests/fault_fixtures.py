@@ -108,9 +108,9 @@ def stage_child(stage: str, raw: dict, result: str, kwargs: dict | None = None, 
             from pipeline.cli import app
 
             try:
-                app(cli, standalone_mode=False)
-                out.update(ok=True, code=0)
-            except SystemExit as e:  # typer.Exit under standalone_mode=False comes back as a return code
+                code = app(cli, standalone_mode=False)  # click returns typer.Exit's code here
+                out.update(ok=code in (0, None), code=code or 0)
+            except SystemExit as e:
                 out.update(ok=e.code in (0, None), code=e.code)
             except Exception as e:  # noqa: BLE001
                 code = getattr(e, "exit_code", None)
@@ -414,9 +414,8 @@ class BadFile:
 
 def bad_corpus(folder: Path) -> tuple[Path, list[BadFile]]:
     """A corpus folder with every kind of bad input we know of, and what must become of each."""
-    from PIL import Image
-
     from conftest import exif_jpeg, image_array, image_bytes, png_bomb
+    from PIL import Image
 
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
@@ -554,3 +553,122 @@ def make_registry():
             return self.handles
 
     return Registry.options(name=REGISTRY).remote()
+
+
+# -- object storage ---------------------------------------------------------------------------------------
+
+S3_CREDS = {"AWS_ACCESS_KEY_ID": "AKIAS3FAULTSUITE01", "AWS_SECRET_ACCESS_KEY": "S3/FaultSuite+SecretKey/0042",
+            "AWS_SESSION_TOKEN": "FwoS3FaultSuiteSessionToken"}
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "dad-faults"):
+    """moto's S3 server on a free 127.0.0.1 port, the AWS environment pointing at it (restored after),
+    and `bucket` created. Yields an s3fs filesystem. s3fs takes the endpoint from AWS_ENDPOINT_URL."""
+    import logging
+    import socket
+
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**S3_CREDS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(bucket)
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def write_evalset(folder: Path, n: int = 2) -> str:
+    """A tiny `folder:` evaluation set (28×42 RGB + depth .npy); returns its spec."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rgb = np.random.default_rng(i).integers(0, 255, (28, 42, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+        np.save(folder / f"{i}.npy", np.linspace(1, 3, 28 * 42, dtype=np.float32).reshape(28, 42))
+    return f"folder:{folder}"
+
+
+def run_pipeline(raw: dict, dataset: str) -> dict:
+    """shard → teach → score → train → eval (checkpoint model.pt, eval name 'student'), in this process."""
+    import stages.evaluate
+    import stages.score
+    import stages.shard
+    import stages.teach
+    import stages.train
+    from pipeline.config import load_config
+
+    cfg = load_config(raw=raw)
+    out = {name: getattr(stages, name).run(cfg) for name in STAGES}
+    ckpt = f"{cfg.run.root}/train/{cfg.train.name}/model.pt"
+    out["eval"] = stages.evaluate.run(cfg, checkpoint=ckpt, datasets=[dataset], name="student")
+    return out
+
+
+def eval_metrics(root) -> dict:
+    """eval/student/metrics.json without what may differ between roots (timings, the checkpoint URL)."""
+    m = json.loads(root.read_bytes("eval", "student", "metrics.json"))
+    m.pop("seconds", None)
+    m["model"] = None
+    for d in m["datasets"].values():
+        d.pop("seconds", None)
+    return m
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_port_args(index: int) -> list[str]:
+    """`ray start` options giving a node its own ports. Two nodes on one host started together otherwise
+    race for the same default ports (a worker raylet died with 'bind: Address already in use') — and
+    other clusters on this shared machine hold the defaults too."""
+    agent, grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(6)
+    lo = 20000 + 1000 * index
+    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}"]
+
+
+def start_cluster(cluster, workers: int = 2) -> None:
+    """tests/test_cluster.py's `Cluster.up`, with distinct ports per node and workers started one by one."""
+    import json as _json
+
+    cluster.start("--head", f"--port={cluster.port}", "--num-cpus=1", f"--temp-dir={cluster.temp}",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dash}",
+                  "--disable-usage-stats", *node_port_args(0))
+    cluster.wait_nodes(1)
+    for i in range(workers):
+        cluster.start(f"--address=127.0.0.1:{cluster.port}", "--num-cpus=1",
+                      f"--resources={_json.dumps({'teacher_slot': 1, f'worker_{i}': 1})}", *node_port_args(i + 1))
+        cluster.wait_nodes(2 + i)

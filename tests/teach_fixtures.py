@@ -75,8 +75,8 @@ def cache_arrays(root, teacher: str) -> dict[str, np.ndarray]:
 
 # -- tiny transformers models -----------------------------------------------------------------
 
-def tiny_hf_models(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """Save a tiny Depth Anything and a tiny DPT (+ image processor) under folder/{da,dpt}."""
+def tiny_hf_models(folder: Path, seed: int = 0, kinds: tuple[str, ...] = ("da", "dpt")) -> dict[str, Path]:
+    """Save a tiny Depth Anything and/or a tiny DPT (+ image processor) under folder/{da,dpt}."""
     import torch
     from transformers import (
         DepthAnythingConfig,
@@ -102,6 +102,8 @@ def tiny_hf_models(folder: Path, seed: int = 0) -> dict[str, Path]:
                                   do_pad=False, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     out = {}
     for name, model in (("da", da), ("dpt", dpt)):
+        if name not in kinds:
+            continue
         path = Path(folder) / name
         model.save_pretrained(path)
         processor.save_pretrained(path)

@@ -12,8 +12,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from train_fixtures import (batches_of, build_cached_run, copy_run, restrict_selection, stream_for,
-                            train_config)
+from train_fixtures import (
+    batches_of,
+    build_cached_run,
+    copy_run,
+    restrict_selection,
+    stream_for,
+    train_config,
+)
 
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.storage import Root
@@ -217,7 +223,7 @@ def test_batch_targets_are_the_drawn_teachers_cache(cached):
             loc = as_disparity(cached_maps["local"][0], groups[t].attrs["output_space"])
             assert np.array_equal(b["target"][i].numpy(), np.nan_to_num(g))
             assert np.array_equal(b["locals"][i].numpy(), np.nan_to_num(loc))
-            other = [o for o in teachers if o != t][0]
+            other = next(o for o in teachers if o != t)
             g_other = as_disparity(read_rows(groups[other], [row])["global"][0], "disparity")
             assert not np.array_equal(b["target"][i].numpy(), np.nan_to_num(g_other))
 

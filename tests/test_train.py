@@ -20,8 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from teach_fixtures import subprocess_env
-from train_fixtures import (batches_of, build_cached_run, copy_run, live_student, mean_loss, restrict_selection,
-                            same_weights, stream_for, train_config, weights)
+from train_fixtures import (
+    batches_of,
+    build_cached_run,
+    copy_run,
+    live_student,
+    mean_loss,
+    restrict_selection,
+    same_weights,
+    stream_for,
+    train_config,
+    weights,
+)
 
 import stages.score
 import stages.train
@@ -107,7 +117,7 @@ def crash_after(monkeypatch, k: int) -> None:
 
 @pytest.mark.timeout(300)
 def test_crash_then_rerun_resumes_and_matches_uninterrupted_run(cached, tmp_path, monkeypatch):
-    opts = dict(steps=6, checkpoint_every=2, deterministic=True, flip=True, jitter=0.1)
+    opts = {"steps": 6, "checkpoint_every": 2, "deterministic": True, "flip": True, "jitter": 0.1}
     clean = train_config(copy_run(cached, tmp_path / "clean"), **opts)
     crashed = train_config(copy_run(cached, tmp_path / "crashed"), **opts)
     stages.train.run(clean)
@@ -140,14 +150,13 @@ def _write_cfg(cfg, path: Path) -> Path:
 
 def _run_dad(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([DAD, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([DAD, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("executor", ["inline", "ray"])
+@pytest.mark.parametrize("executor", ["inline", pytest.param("ray", marks=pytest.mark.slow)])
 def test_kill9_during_training_then_rerun_resumes_with_same_weights(cached, tmp_path, executor):
-    opts = dict(steps=24, checkpoint_every=4, log_every=2, deterministic=True)
+    opts = {"steps": 24, "checkpoint_every": 4, "log_every": 2, "deterministic": True}
     runs = {}
     for name in ("clean", "killed"):
         cfg = train_config(copy_run(cached, tmp_path / name), run={"executor": executor, "num_cpus": 2}, **opts)
@@ -306,9 +315,25 @@ def test_incompatible_checkpoints_are_refused(run_copy, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         stages.train.run(train_config(run_copy, init_from=str(junk)))
+    # a Depth Anything model whose architecture is no student preset
+    from teach_fixtures import tiny_hf_models
+
+    da = tiny_hf_models(tmp_path / "hf")["da"]
+    with pytest.raises(ValueError, match="incompatible model"):
+        stages.train.run(train_config(run_copy, init_from=str(da)))
     # a checkpoint of another model inside train/<name>/ is not resumed from
     model, _ = load_checkpoint(str(other))
     save_checkpoint(model, Root(run_copy.run.root).uri("train", "student", "ckpt-0000002.pt"),
                     extra={"step": 2})
     with pytest.raises(ValueError, match=r"checkpoint .*ckpt-0000002.pt is from an incompatible model.*--name NEW"):
         stages.train.run(run_copy)
+
+
+def test_a_failed_ray_worker_is_reported_with_its_own_error():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    err = WorkerGroupError("Training failed", {1: FileNotFoundError("[Errno 2] corpus/shards/000001.tar"),
+                                               0: RuntimeError("Traceback …\n  File …\nValueError: bad batch")})
+    assert stages.train._worker_error(err) == "rank 0: ValueError: bad batch"
+    err = WorkerGroupError("Training failed", {1: FileNotFoundError("[Errno 2] corpus/shards/000001.tar")})
+    assert stages.train._worker_error(err) == "rank 1: FileNotFoundError: [Errno 2] corpus/shards/000001.tar"

@@ -1,0 +1,406 @@
+"""Reliability figures (issue #9): R1 crash anywhere, R2 dead workers, R3 bad inputs, R4 two writers,
+R5 object storage.
+
+    python -m bench.faults [--quick] [--trials N] [--node] [--only R1,R3]
+
+* R1 — per stage (shard, teach, score, train), `--trials` times (20; quick: 3): copy a root with the
+  earlier stages done, start the stage in a process forked from a preloaded forkserver (inline
+  executor: the process *is* the stage), SIGKILL it at a uniformly random moment within its clean
+  run time, rerun it, and compare every output with an uninterrupted run (tests/fault_fixtures.py
+  `outputs`). Figures: samples lost, samples duplicated, trials whose outputs differ, reruns that
+  failed; the detail adds how many kills landed mid-stage and the temporary files kills left behind.
+* R2 — `ray.kill` a teach actor mid-stage on a 2-CPU local cluster (1 trial; full: 2): the job must
+  finish with the uninterrupted run's cache. `--node` also SIGKILLs a whole worker node of a 3-node
+  cluster (`ray start` processes) mid-teach — slow and fragile on a busy 2-core machine.
+* R3 — the bad-corpus generator (≥ 25 kinds) through shard → teach → score, 18 bad configs through
+  the config loader, and a corrupted cache shard: crashes, files unaccounted for, corrupt targets
+  trained on.
+* R4 — per stage, two processes on the same root (the second started while the first holds the lock,
+  and both started at once): how often the second was refused, how often both wrote, outputs differing.
+* R5 — shard → teach → score → train (2 steps) → eval with the root on s3:// (moto server) vs local
+  disk: outputs differing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _entry(value, unit, goal, detail) -> dict:
+    return {"value": value, "unit": unit, "goal": goal, "detail": detail}
+
+
+# -- R1 ---------------------------------------------------------------------------------------------------
+
+def r1(work: Path, trials: int, seed: int = 0) -> dict:
+    import fault_fixtures as ff
+
+    src = ff.write_sources(work / "src", 6)
+    raw = ff.fault_raw(work / "unused", src, shard_size=2, steps=4)
+    z = ff.zygote()
+    bases = ff.prepare_bases(z, work, raw)
+    rng = random.Random(seed)
+    per_stage = {}
+    for stage in ff.STAGES:
+        clean = ff.outputs(ff.with_root(raw, bases.done), stage)
+        span = bases.seconds[stage]
+        rows = []
+        for i in range(trials):
+            at = rng.uniform(0.0, 0.95) * span
+            t = ff.kill_trial(z, stage, bases.before[stage], work / f"r1-{stage}", raw, clean, kill_after=at)
+            c = t.comparison
+            rows.append({"kill_after_s": round(at, 2), "mid_stage": t.killed_running, "cells_at_kill": t.cells_at_kill,
+                         "rerun_ok": t.rerun_ok, "lost": c.lost if c else None, "duplicated": c.duplicated if c else None,
+                         "differing": c.differing if c else None, "stray": len(c.stray) if c else None,
+                         "error": (t.rerun_error or "")[:500] or None})
+            print(f"  R1 {stage:5s} trial {i + 1:2d}/{trials}: kill at {at:5.1f}s of {span:.1f}s "
+                  f"({'mid-stage' if t.killed_running else 'after it ended'}, {t.cells_at_kill} cells done) → "
+                  f"{'ok' if c and c.ok else 'DIFFERS' if c else 'RERUN FAILED'}", flush=True)
+        per_stage[stage] = {
+            "trials": trials, "mid_stage": sum(r["mid_stage"] for r in rows),
+            "lost": sum(r["lost"] or 0 for r in rows), "duplicated": sum(r["duplicated"] or 0 for r in rows),
+            "trials_differing": sum(bool(r["differing"]) for r in rows),
+            "reruns_failed": sum(not r["rerun_ok"] for r in rows),
+            "stray_temp_files": sum(r["stray"] or 0 for r in rows), "clean_seconds": round(span, 1),
+            "failures": [r for r in rows if r["differing"] or not r["rerun_ok"] or r["lost"] or r["duplicated"]]}
+    return per_stage
+
+
+# -- R2 ---------------------------------------------------------------------------------------------------
+
+def r2_actor(work: Path, trials: int) -> dict:
+    import threading
+
+    import fault_fixtures as ff
+    import numpy as np
+    import ray
+    from teach_fixtures import cache_arrays, teach_cfg, write_ramps
+
+    from pipeline.cache import ARRAYS
+    from pipeline.config import RunCfg
+    from pipeline.runtime import init_ray
+    from stages import shard, teach
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    init_ray(RunCfg(root="unused", num_cpus=2))
+    src = write_ramps(work / "src", 8, sizes=((64, 64),))
+    slow = {"adapter": "fault_fixtures:RegisteringTeacher", "model": "r+2g@1.0", "batch_size": 8, "actors": 2,
+            "num_cpus": 0.5}
+    clean = teach_cfg(work / "clean", src, {"px": {**slow, "model": "r+2g@0"}})
+    shard.run(clean)
+    teach.run(clean)
+    want = cache_arrays(work / "clean", "px")
+    results = []
+    for i in range(trials):
+        root = work / f"actor-{i}"
+        cfg = teach_cfg(root, src, {"px": slow}, executor="ray")
+        shard.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "inline"})}))
+        registry = ff.make_registry()
+        markers = root / "ledger" / "teach" / "px"
+        out: dict = {}
+        th = threading.Thread(target=lambda o=out, c=cfg: o.update(s=_try(teach.run, c)), daemon=True)
+        th.start()
+        t0 = time.time()
+        while not (ray.get(registry.get.remote()) and markers.is_dir() and any(markers.iterdir())):
+            if not th.is_alive() or time.time() - t0 > 300:
+                break
+            time.sleep(0.1)
+        handles = ray.get(registry.get.remote())
+        if handles:
+            ray.kill(handles[0][0], no_restart=False)
+        th.join(300)
+        ray.kill(registry)
+        got = cache_arrays(root, "px") if markers.is_dir() else {}
+        same = bool(got) and all(np.array_equal(got[n], want[n], equal_nan=True) for n in ARRAYS)
+        results.append({"killed": bool(handles), "finished": not th.is_alive() and not isinstance(out.get("s"), str),
+                        "error": out.get("s") if isinstance(out.get("s"), str) else None, "cache_identical": same,
+                        "cells": len(list(markers.iterdir())) if markers.is_dir() else 0,
+                        "seconds": round(time.time() - t0, 1)})
+        print(f"  R2 actor kill trial {i + 1}/{trials}: {results[-1]}", flush=True)
+    return {"trials": results, "ok": sum(r["killed"] and r["finished"] and r["cache_identical"] for r in results)}
+
+
+def _try(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def r2_node(work: Path) -> dict:
+    """One trial of the slow test's scenario (tests/test_faults.py::test_r2_kill_a_worker_node_mid_teach)."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "pytest", str(TESTS / "test_faults.py"), "-q", "-m", "slow",
+                          "-k", "worker_node", "-p", "no:cacheprovider", f"--basetemp={work / 'node'}"],
+                         capture_output=True, text=True, timeout=1200, cwd=TESTS.parent, check=False)
+    return {"ok": res.returncode == 0, "tail": (res.stdout + res.stderr)[-1500:]}
+
+
+# -- R3 ---------------------------------------------------------------------------------------------------
+
+def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
+    import fault_fixtures as ff
+    import numpy as np
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.storage import Root
+    from stages import score, shard, teach
+
+    out: dict = {"crashes": 0, "crash_details": []}
+    folder, files = ff.bad_corpus(work / "bad")
+    bad_raw = ff.fault_raw(f"memory://bench-faults-{os.getpid()}", folder, shard_size=3)
+    accounted, wrong_reason = 0, []
+    try:
+        cfg = load_config(raw=bad_raw)
+        shard.run(cfg)
+        teach.run(cfg)
+        score.run(cfg)
+        root = Root(cfg.run.root)
+        manifest = {r["source_uri"] for r in root.read_table("corpus", "manifest.parquet").to_pylist()}
+        rejects = {r["source_uri"]: r["reason"] for r in root.read_table("corpus", "rejects.parquet").to_pylist()}
+        for f in files:
+            where = "sample" if f.uri in manifest else "reject" if f.uri in rejects else None
+            accounted += where is not None
+            if where != f.expect or (where == "reject" and not rejects[f.uri].startswith(f.reason)):
+                wrong_reason.append({"kind": f.kind, "got": where, "reason": rejects.get(f.uri)})
+    except Exception as e:  # noqa: BLE001
+        out["crashes"] += 1
+        out["crash_details"].append(f"bad corpus: {type(e).__name__}: {e}")
+    out.update(kinds=len({f.kind for f in files}), files=len(files), unaccounted=len(files) - accounted,
+               unexpected=wrong_reason)
+
+    from test_faults import BAD_CONFIGS
+
+    config_ok = 0
+    for case, (sections, fragment) in BAD_CONFIGS.items():
+        raw_c = {"run": {"root": str(work / "cfg")}, "corpus": {"sources": [str(work)]}}
+        for sec, vals in sections.items():
+            raw_c.setdefault(sec, {}).update(vals)
+        try:
+            load_config(raw=raw_c)
+            out["crash_details"].append(f"config {case}: accepted")
+        except ConfigError as e:
+            config_ok += fragment in str(e)
+        except Exception as e:  # noqa: BLE001
+            out["crashes"] += 1
+            out["crash_details"].append(f"config {case}: {type(e).__name__}: {e}")
+    out.update(bad_configs=len(BAD_CONFIGS), bad_configs_refused_with_key=config_ok)
+
+    if cached_root is not None:  # a corrupted cache shard
+        from teach_fixtures import cache_arrays
+
+        from pipeline.cache import CacheCorruptError, shard_key
+        from stages import train
+
+        copy = work / "corrupt"
+        shutil.copytree(cached_root, copy)
+        cfg = load_config(raw=ff.with_root(raw, copy))
+        before = cache_arrays(copy, "r2g")
+        ff.corrupt_bytes(Path(Root(str(copy)).path("cache", "r2g", shard_key("global", 1))))
+        try:
+            train.run(cfg)
+            trained_on = True
+        except CacheCorruptError:
+            trained_on = False
+        redo = teach.run(cfg, verify=True)
+        after = cache_arrays(copy, "r2g")
+        out.update(corrupt_shard_trained_on=trained_on, corrupt_shard_recomputed=redo["recomputed"],
+                   cache_restored=all(np.array_equal(before[n], after[n], equal_nan=True) for n in before))
+    return out
+
+
+# -- R4 ---------------------------------------------------------------------------------------------------
+
+def r4(work: Path, bases, raw: dict, trials: int) -> dict:
+    import fault_fixtures as ff
+
+    from pipeline.config import load_config
+
+    z = ff.zygote()
+    scope = {"shard": "_", "teach": "r2g", "score": "_", "train": "student"}
+    out = {}
+    for stage in ff.STAGES:
+        clean = ff.outputs(ff.with_root(raw, bases.done), stage)
+        rows = []
+        for i in range(trials):
+            for mode in ("while-locked", "simultaneous"):
+                trial = work / f"r4-{stage}-{mode}"
+                if trial.exists():
+                    shutil.rmtree(trial)
+                shutil.copytree(bases.before[stage], trial)
+                mine = ff.with_root(raw, trial)
+                path = work / f"r4-{stage}.toml"
+                path.write_text(load_config(raw=mine).to_toml())
+                lock = trial / "ledger" / "locks" / f"{stage}.{scope[stage]}.lock"
+                a, a_res = z.start(work, stage, mine, delay_marks=0.5 if mode == "while-locked" else 0.0)
+                if mode == "while-locked":
+                    t0 = time.time()
+                    while not lock.exists() and a.is_alive() and time.time() - t0 < 300:
+                        time.sleep(0.01)
+                b, b_res = z.start(work, stage, mine, cli=[stage, "-c", str(path)])
+                a.join(600)
+                b.join(600)
+                ra, rb = ff.read_result(a_res), ff.read_result(b_res)
+                refused = [r for r in (ra, rb) if "is writing to" in ff.read_log(a_res if r is ra else b_res)]
+                c = ff.compare(clean, ff.outputs(mine, stage))
+                rows.append({"mode": mode, "a_ok": ra.get("ok"), "b_ok": rb.get("ok"), "refused": len(refused),
+                             "differing": c.differing, "lost": c.lost, "duplicated": c.duplicated})
+                print(f"  R4 {stage:5s} {mode:12s}: first {'ok' if ra.get('ok') else 'refused/failed'}, second "
+                      f"{'ok' if rb.get('ok') else 'refused' if refused else 'FAILED'}; outputs "
+                      f"{'identical' if c.ok else 'DIFFER'}", flush=True)
+        out[stage] = {
+            "trials": len(rows),
+            "second_refused_while_locked": sum(r["refused"] for r in rows if r["mode"] == "while-locked"),
+            "both_failed": sum(not r["a_ok"] and not r["b_ok"] for r in rows),
+            "other_failures": sum((not r["a_ok"] or not r["b_ok"]) and not r["refused"] for r in rows),
+            "outputs_differing": sum(bool(r["differing"]) or r["lost"] > 0 or r["duplicated"] > 0 for r in rows),
+            "rows": rows}
+    return out
+
+
+# -- R5 ---------------------------------------------------------------------------------------------------
+
+def r5(work: Path) -> dict:
+    import fault_fixtures as ff
+    from teach_fixtures import write_ramps
+
+    from pipeline.storage import Root
+
+    src = write_ramps(work / "src5", 6, sizes=((64, 64),))
+    dataset = ff.write_evalset(work / "evalset")
+    local_raw = ff.fault_raw(work / "local", src, steps=2, eval={"resolution": 28, "pictures": 1})
+    s3_raw = ff.with_root(local_raw, "s3://dad-bench/run")
+    t0 = time.time()
+    with ff.moto_s3("dad-bench"):
+        ff.run_pipeline(s3_raw, dataset)
+        s3_seconds = time.time() - t0
+        t1 = time.time()
+        ff.run_pipeline(local_raw, dataset)
+        local_seconds = time.time() - t1
+        differing = []
+        for stage in ff.STAGES:
+            a, b = ff.outputs(s3_raw, stage), ff.outputs(local_raw, stage)
+            differing += [f"{stage}:{k}" for k in set(a.digests) | set(b.digests) if a.digests.get(k) != b.digests.get(k)]
+            if sorted(a.units) != sorted(b.units):
+                differing.append(f"{stage}:units")
+        if ff.eval_metrics(Root("s3://dad-bench/run")) != ff.eval_metrics(Root(str(work / "local"))):
+            differing.append("eval:metrics.json")
+    return {"outputs_compared": sum(len(ff.outputs(local_raw, s).digests) for s in ff.STAGES) + 1,
+            "differing": differing, "s3_seconds": round(s3_seconds, 1), "local_seconds": round(local_seconds, 1)}
+
+
+# -- driver -------------------------------------------------------------------------------------------------
+
+def run(quick: bool = False, trials: int | None = None, node: bool = False, only: set[str] | None = None) -> dict:
+    import fault_fixtures as ff
+
+    trials = trials or (3 if quick else 20)
+    only = only or {"R1", "R2", "R3", "R4", "R5"}
+    work = Path(tempfile.mkdtemp(prefix="dad-bench-faults-"))
+    results: dict[str, dict] = {}
+    figures: dict = {"trials_per_stage": trials}
+    try:
+        src = ff.write_sources(work / "src", 6)
+        raw = ff.fault_raw(work / "unused", src, shard_size=2, steps=4)
+        bases = None
+        if "R1" in only:
+            print(f"R1: {trials} SIGKILL trials per stage", flush=True)
+            t0 = time.time()
+            per = r1(work / "r1", trials)
+            figures["R1"] = per
+            total = lambda k: sum(s[k] for s in per.values())
+            detail = {s: {k: v for k, v in d.items() if k != "failures"} for s, d in per.items()}
+            detail["seconds"] = round(time.time() - t0)
+            results["R1_samples_lost"] = _entry(total("lost"), "samples", "== 0", detail)
+            results["R1_samples_duplicated"] = _entry(total("duplicated"), "samples", "== 0",
+                                                      f"{trials} trials per stage, {total('mid_stage')} kills mid-stage")
+            results["R1_outputs_differing"] = _entry(total("trials_differing") + total("reruns_failed"), "trials",
+                                                     "== 0", {s: d["failures"][:3] for s, d in per.items()})
+        if {"R3", "R4"} & only:
+            bases = ff.prepare_bases(ff.zygote(), work / "bases", raw)
+        if "R2" in only:
+            print("R2: ray.kill a teach actor mid-stage", flush=True)
+            actor = r2_actor(work / "r2", 1 if quick else 2)
+            figures["R2"] = {"actor": actor}
+            results["R2_actor_kill_jobs_correct"] = _entry(actor["ok"] / max(1, len(actor["trials"])), "fraction",
+                                                           "== 1", actor["trials"])
+            if node:
+                print("R2: SIGKILL a worker node mid-teach (3-node cluster)", flush=True)
+                nd = r2_node(work / "r2n")
+                figures["R2"]["node"] = nd
+                results["R2_node_kill_job_correct"] = _entry(int(nd["ok"]), "bool", "== 1", nd["tail"])
+        if "R3" in only:
+            print("R3: bad corpus files, bad configs, a corrupted cache shard", flush=True)
+            out = r3(work / "r3", bases.before["train"] if bases else None, raw)
+            figures["R3"] = out
+            results["R3_crashes"] = _entry(out["crashes"], "crashes", "== 0", out["crash_details"])
+            results["R3_bad_files_unaccounted"] = _entry(out["unaccounted"] + len(out["unexpected"]), "files", "== 0",
+                                                         {"kinds": out["kinds"], "files": out["files"],
+                                                          "unexpected": out["unexpected"]})
+            results["R3_bad_configs_refused"] = _entry(out["bad_configs_refused_with_key"], "configs",
+                                                       f">= {out['bad_configs']}", None)
+            if "corrupt_shard_trained_on" in out:
+                results["R3_corrupt_shard_trained_on"] = _entry(
+                    int(out["corrupt_shard_trained_on"]), "bool", "== 0",
+                    {"recomputed_cells": out["corrupt_shard_recomputed"], "cache_restored": out["cache_restored"]})
+        if "R4" in only:
+            print("R4: two processes, one stage, one root", flush=True)
+            n = 1 if quick else 3
+            out = r4(work / "r4", bases, raw, n)
+            figures["R4"] = out
+            results["R4_second_writer_refused"] = _entry(
+                sum(s["second_refused_while_locked"] for s in out.values()) / (n * len(out)), "fraction", "== 1",
+                {s: {k: v for k, v in d.items() if k != "rows"} for s, d in out.items()})
+            results["R4_outputs_corrupted"] = _entry(sum(s["outputs_differing"] for s in out.values()), "trials",
+                                                     "== 0", None)
+        if "R5" in only:
+            print("R5: the pipeline on s3:// (moto) vs local disk", flush=True)
+            out = r5(work / "r5")
+            figures["R5"] = out
+            results["R5_s3_outputs_differing"] = _entry(len(out["differing"]), "outputs", "== 0", out)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _print(results)
+    return results
+
+
+def _print(results: dict) -> None:
+    print("\nissue #9 reliability figures")
+    for name, e in results.items():
+        print(f"  {name:32s} {e['value']!s:>8} {e['unit']:10s} goal {e['goal']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 trials per stage (R1), 1 (R4), 1 actor kill (R2)")
+    ap.add_argument("--trials", type=int, help="R1 trials per stage (default 20; quick 3)")
+    ap.add_argument("--node", action="store_true", help="R2: also kill a worker node of a 3-node cluster (slow)")
+    ap.add_argument("--only", help="comma-separated subset of R1,R2,R3,R4,R5")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    only = {s.strip().upper() for s in args.only.split(",")} if args.only else None
+    results = run(args.quick, args.trials, args.node, only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The embedded default end to end, at reduced size: `dad run -c configs/quickstart.toml` with
+overrides that shrink the corpus, crops, steps and evaluation, on the in-process executor.
+
+Checks every stage's outputs (manifest, rejects, Zarr caches of both zoo teachers, scores and
+selection, checkpoints and metrics, evaluation of both teachers and the student, the report), and
+that the committed zoo teachers load through the `checkpoint` adapter and beat the constant and
+vertical-ramp baselines on held-out rendered scenes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.toml"
+ZOO = REPO / "zoo"
+
+pytestmark = pytest.mark.skipif(not (ZOO / "layout.pt").exists(), reason="zoo checkpoints not built")
+
+
+def reduced(root: Path) -> list[str]:
+    return [f'run.root="{root}"', 'run.executor="inline"',
+            'corpus.sources=["scenes:n=6,seed=100000,size=96", "skimage:photos"]', "corpus.shard_size=8",
+            "crops.min_region=84", "crops.patch=56", "crops.global_size=84", "crops.local_store=42",
+            f'teachers.layout.model="{ZOO / "layout.pt"}"', f'teachers.detail.model="{ZOO / "detail.pt"}"',
+            f'train.init_from="{ZOO / "layout.pt"}"', "train.steps=4", "train.batch_size=2",
+            "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
+            'eval.datasets=["scenes:n=3,seed=900000,size=96"]', "eval.resolution=84", "eval.pictures=1"]
+
+
+@pytest.mark.timeout(900)
+def test_quickstart_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "qs"
+    sets = sum((["--set", s] for s in reduced(root)), [])
+    result = CliRunner().invoke(app, ["run", "-c", str(QUICKSTART), *sets])
+    assert result.exit_code == 0, result.output
+    assert "stages run: shard, teach, score, train, evaluate, report" in result.output
+
+    manifest = pq.read_table(root / "corpus" / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(root / "corpus" / "rejects.parquet").to_pylist()
+    n_photos = sum(r["source_uri"].startswith("skimage:") for r in manifest)
+    assert sum(r["source_uri"].startswith("scenes:") for r in manifest) == 6 and n_photos >= 5
+    assert not [r for r in rejects if r["source_uri"].startswith("scenes:")]
+    import zarr
+
+    for teacher in ("layout", "detail"):
+        group = zarr.open_group(str(root / "cache" / teacher), mode="r")
+        assert group["global"].shape[1:] == (84, 84) and group["local"].shape[1:] == (4, 42, 42)
+        assert group.attrs["license"] == "Apache-2.0"
+        rows = [r["row"] for r in manifest]
+        assert np.isfinite(group["global"].get_orthogonal_selection((rows,))).all()
+    scores = pq.read_table(root / "scores" / "scores.parquet").to_pylist()
+    assert len(scores) == 2 * len(manifest)
+    selection = pq.read_table(root / "scores" / "selection.parquet").to_pylist()
+    assert len(selection) == len(manifest)
+    assert all(abs(r["p_layout"] - 0.7) < 1e-9 and abs(r["p_detail"] - 0.3) < 1e-9 for r in selection)
+    train = root / "train" / "student"
+    assert {"ckpt-0000002.pt", "ckpt-0000004.pt", "model.pt", "metrics.jsonl"} <= {p.name for p in train.iterdir()}
+    assert len((train / "metrics.jsonl").read_text().splitlines()) == 4
+    for name in ("teacher-layout", "teacher-detail", "student-student"):
+        metrics = json.loads((root / "eval" / name / "metrics.json").read_text())
+        assert any(m.get("n") == 3 for m in metrics["datasets"].values()), name
+    page = (root / "report" / "index.html").read_text()
+    for needle in ("teacher-layout", "student-student", "small models trained on rendered scenes", "baseline"):
+        assert needle in page
+
+
+@pytest.mark.timeout(600)
+def test_zoo_teachers_beat_trivial_baselines():
+    from pipeline.config import TeacherCfg
+    from stages.evaluate import evaluate
+    from stages.teachers import build_teacher
+
+    cfg = load_config(QUICKSTART)
+    for name, tcfg in cfg.teachers.items():
+        teacher = build_teacher(name, TeacherCfg(**{**tcfg.model_dump(), "model": str(ZOO / f"{name}.pt")}))
+        _, summary = evaluate(teacher.predict, "scenes:n=40,seed=900000,size=192", align="inverse_depth",
+                              resolution=tcfg.input_size)
+        for base in ("constant", "vertical_ramp"):
+            assert summary["abs_rel"] < summary["baselines"][base]["abs_rel"], (name, base, summary)
+            assert summary["delta1"] > summary["baselines"][base]["delta1"], (name, base, summary)
