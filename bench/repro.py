@@ -73,6 +73,7 @@ class Sizes:
     eval_scenes: int     # held-out rendered views (exact depth)
     realeval: bool
     warmup: int
+    scene_size: int = 256  # rendered views (corpus and held-out) are scene_size² px
 
 
 SIZES = {
@@ -294,7 +295,8 @@ def zoo_info(zoo: Path) -> dict:
 def machine_info() -> dict:
     model = platform.processor()
     try:
-        model = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+        model = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                     if x.startswith("model name"))
     except (OSError, StopIteration):
         pass
     import torch
@@ -313,17 +315,18 @@ class Experiment:
     mode: str
     seeds: list[int] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # key → spec
+    extra: list[str] = field(default_factory=list)  # more config overrides, after the experiment's own (tests)
     _selection: str | None = None
     _eval_sets: dict = field(default_factory=dict)
 
     def base_overrides(self) -> list[str]:
         s, z = self.sizes, self.zoo
         return [f'run.root="{self.root}"', 'run.executor="inline"', "run.seed=0",
-                f'corpus.sources=["scenes:n={s.corpus_scenes},seed=100000,size=256", "skimage:photos"]',
+                f'corpus.sources=["scenes:n={s.corpus_scenes},seed=100000,size={s.scene_size}", "skimage:photos"]',
                 f'teachers.layout.model="{z / "layout.pt"}"', f'teachers.detail.model="{z / "detail.pt"}"',
                 f'train.init_from="{z / "layout.pt"}"', f"train.steps={s.steps}", f"train.batch_size={s.batch}",
                 f"train.warmup_steps={s.warmup}", f"train.checkpoint_every={s.steps}",
-                f"train.log_every={max(1, s.steps // 10)}"]
+                f"train.log_every={max(1, s.steps // 10)}", *self.extra]
 
     def config(self, arm: Arm | None = None, seed: int | None = None):
         from pipeline.config import load_config
@@ -438,11 +441,28 @@ def _selection_key(cfg) -> str:
 
 def experiment(quick: bool = False, seeds: int | None = None, steps: int | None = None, zoo: str | None = None,
                root: str | None = None, arms: list[str] | None = None, out: str | None = None,
-               report: bool = True, echo=print) -> dict:
-    """Run the grid and write the results JSON and the report page; returns the results."""
+               report: bool = True, threads: int = 1, sizes: Sizes | None = None, extra: list[str] | None = None,
+               echo=print) -> dict:
+    """Run the grid and write the results JSON and the report page; returns the results.
+
+    `threads`: torch threads for everything (teaching, training, evaluation). One is the default: on a
+    shared 2-core machine torch's second thread mostly waits for a core, and small tensor ops then cost
+    tens of times more (measured: a 256² evaluation 27× slower with 2 threads at load 9).
+    `sizes` / `extra` (config overrides) replace the mode's sizes and extend its config (tests)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _experiment(quick, seeds, steps, zoo, root, arms, out, report, sizes, extra, echo)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _experiment(quick, seeds, steps, zoo, root, arms, out, report, sizes, extra, echo) -> dict:
     t_start = time.time()
     mode = "quick" if quick else "full"
-    sizes = SIZES[mode]
+    sizes = sizes or SIZES[mode]
     if steps:
         sizes = Sizes(**{**asdict(sizes), "steps": steps})
     n_seeds = seeds or sizes.seeds
@@ -450,13 +470,14 @@ def experiment(quick: bool = False, seeds: int | None = None, steps: int | None 
     zinfo = zoo_info(zoo_dir)
     root_dir = Path(root) if root else REPO / "runs" / "repro" / f"{mode}-{zinfo['fingerprint']}"
     root_dir = root_dir.resolve()
-    datasets = {"scenes": f"scenes:n={sizes.eval_scenes},seed=900000,size=256"}
+    datasets = {"scenes": f"scenes:n={sizes.eval_scenes},seed=900000,size={sizes.scene_size}"}
     if sizes.realeval and REALEVAL.exists():
         datasets["realeval"] = f"realeval:{REALEVAL}"
     labels = {"scenes": f"held-out renders (n={sizes.eval_scenes})", "realeval": "realeval"}
     labels = {k: labels[k] for k in datasets}
     chosen = [ARM[a] for a in arms] if arms else list(ARMS)
-    exp = Experiment(sizes, zoo_dir, root_dir, mode, list(range(n_seeds)), datasets)
+    exp = Experiment(sizes, zoo_dir, root_dir, mode, list(range(n_seeds)), datasets, list(extra or []))
+    base = exp.config()
     machine = machine_info()
     echo(f"repro ({mode}): {len(chosen)} arms × {n_seeds} seed(s), {sizes.steps} steps × batch {sizes.batch}; "
          f"zoo {zoo_dir}; root {root_dir}; {machine['cores']} cores")
@@ -482,9 +503,10 @@ def experiment(quick: bool = False, seeds: int | None = None, steps: int | None 
         "mode": mode, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": round(time.time() - t_start, 1),
         "machine": machine, "zoo": zinfo, "root": str(root_dir), "sizes": asdict(sizes), "seeds": exp.seeds,
         "datasets": datasets, "dataset_labels": labels, "metric": METRIC, "protocol": {
-            "align": "inverse_depth", "resolution": 224, "corpus": exp.config().corpus.sources,
-            "crops": exp.config().crops.model_dump(), "train": {k: v for k, v in exp.config().train.model_dump().items()
-                                                                if k not in ("name", "seed", "norm", "use_sc", "use_lg")},
+            "align": "inverse_depth", "resolution": base.eval.resolution, "corpus": base.corpus.sources,
+            "crops": base.crops.model_dump(), "teachers": {n: t.model_dump() for n, t in base.teachers.items()},
+            "train": {k: v for k, v in base.train.model_dump().items() if k not in ("name", "seed", "norm", "use_sc",
+                                                                                  "use_lg")},
             "neither_row": "sc-global: shared input, global normalisation (the paper's DAv2-style baseline; "
                            "no separate no-crop corpus)",
             "rule": f"a claim holds when the mean AbsRel difference has the paper's sign and exceeds the larger "
@@ -507,7 +529,7 @@ def experiment(quick: bool = False, seeds: int | None = None, steps: int | None 
         try:
             from stages import report as report_stage
 
-            echo(f"report: {report_stage.run(exp.config())['path']}")
+            echo(f"report: {report_stage.run(base)['path']}")
         except Exception as err:  # noqa: BLE001 - the results are written; the report is a convenience
             echo(f"report stage skipped: {type(err).__name__}: {err}")
     return results
@@ -516,12 +538,12 @@ def experiment(quick: bool = False, seeds: int | None = None, steps: int | None 
 def render_text(results: dict) -> str:
     labels = results["dataset_labels"]
     z = results["zoo"]
-    parts = [f"## The paper's ablations in miniature ({results['mode']}, {len(results['seeds'])} seed(s), "
-             f"{results['sizes']['steps']} steps × batch {results['sizes']['batch']})", "",
-             f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}), wall time "
-             f"{results['wall_seconds'] / 60:.1f} min. Teachers: {z['path']}"
-             + ("" if z.get("committed") else " (not the committed zoo)")
-             + (f" — layout: {z['layout_training']}" if z.get("layout_training") else ""), ""]
+    parts = [(f"## The paper's ablations in miniature ({results['mode']}, {len(results['seeds'])} seed(s), "
+              f"{results['sizes']['steps']} steps × batch {results['sizes']['batch']})"), "",
+             (f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}), wall time "
+              f"{results['wall_seconds'] / 60:.1f} min. Teachers: {z['path']}"
+              + ("" if z.get("committed") else " (not the committed zoo)")
+              + (f" — layout: {z['layout_training']}" if z.get("layout_training") else "")), ""]
     for t in results["tables"].values():
         parts += [markdown_table(t), ""]
     ref_rows = [[name, *[f"{m[d]['abs_rel']:.3f}" for d in labels]] for name, m in results["references"].items()]
@@ -531,8 +553,8 @@ def render_text(results: dict) -> str:
     parts += [markdown_table({"title": "References (AbsRel ↓): the teachers, the student before training, "
                                        "trivial baselines", "header": ["model", *labels.values()], "rows": ref_rows}), ""]
     parts += ["**Claims** — " + results["protocol"]["rule"], "", claims_markdown(results["claims"], labels), "",
-              f"Claims holding on the held-out renders: {results['held']} of {results['claims_counted']} "
-              f"({results['held_on_all_datasets']} on every dataset)."]
+              (f"Claims holding on the held-out renders: {results['held']} of {results['claims_counted']} "
+               f"({results['held_on_all_datasets']} on every dataset).")]
     return "\n".join(parts)
 
 
@@ -551,13 +573,13 @@ def render_html(results: dict) -> str:
                            " / ".join("—" if per[d]["delta"] is None else f"{per[d]['delta']:+.4f}" for d in labels),
                            c["verdict"], *[_word(per[d]["holds"]) for d in labels]])
     z = results["zoo"]
+    corpus = html.escape(", ".join(results["protocol"]["corpus"]))
     parts = [f"<h2>The paper's ablations in miniature ({html.escape(results['mode'])})</h2>",
-             f"<p>{len(results['seeds'])} seed(s) per arm, {results['sizes']['steps']} steps × batch "
-             f"{results['sizes']['batch']}, one shared corpus ({html.escape(', '.join(results['protocol']['corpus']))}) "
-             f"and its cached targets; teachers from <code>{html.escape(z['path'])}</code>"
-             f"{'' if z.get('committed') else ' (not the committed zoo)'}. Machine: {results['machine']['cores']} cores, "
-             f"wall time {results['wall_seconds'] / 60:.1f} min. AbsRel after per-image least-squares alignment "
-             f"in inverse depth; mean ± std over seeds.</p>"]
+             (f"<p>{len(results['seeds'])} seed(s) per arm, {results['sizes']['steps']} steps × batch "
+              f"{results['sizes']['batch']}, one shared corpus ({corpus}) and its cached targets; teachers from "
+              f"<code>{html.escape(z['path'])}</code>{'' if z.get('committed') else ' (not the committed zoo)'}. "
+              f"Machine: {results['machine']['cores']} cores, wall time {results['wall_seconds'] / 60:.1f} min. "
+              f"AbsRel after per-image least-squares alignment in inverse depth; mean ± std over seeds.</p>")]
     parts += [table(t) for t in results["tables"].values()]
     parts.append(table({"title": "Claims: " + results["protocol"]["rule"],
                         "header": ["claim", "paper", "Δ AbsRel (" + " / ".join(labels.values()) + ")", "verdict",
@@ -593,11 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", help="run root (default: runs/repro/<mode>-<zoo fingerprint>)")
     ap.add_argument("--arms", nargs="+", choices=sorted(ARM), help="only these arms (tables then have gaps)")
     ap.add_argument("--out", help="results JSON (default: bench/results/repro.json, repro-quick.json with --quick)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see experiment())")
     ap.add_argument("--no-report", action="store_true", help="do not run the report stage at the end")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, zoo=args.zoo, root=args.root, arms=args.arms,
-               out=args.out, report=not args.no_report)
+               out=args.out, report=not args.no_report, threads=args.threads)
     return 0
 
 

@@ -16,6 +16,7 @@ learning rates and the predictions' median and spread (students drift in scale, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -138,10 +139,17 @@ def _is_checkpoint_file(src: str) -> bool:
 def architecture(config) -> tuple:
     """What decides whether weights fit: every parameter/buffer name and shape, and the tapped layers.
 
-    Built on the meta device: no memory, no weights, fast even for ViT-L.
+    Built on the meta device: no memory, no weights; cached per config (a ViT-L takes about a second).
     """
+    return _architecture(json.dumps(config.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _architecture(config_json: str) -> tuple:
+    from student.checkpoint import config_from_dict
     from student.model import StudentModel
 
+    config = config_from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = StudentModel(config)
     return tuple(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())), tuple(config.layers)

@@ -30,6 +30,15 @@ from student.losses import crop_resample
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread (as each Ray worker here): two threads on a shared 2-core box only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     return build_cached_run(tmp_path_factory.mktemp("stream"))
