@@ -260,18 +260,22 @@ def r4(work: Path, bases, raw: dict, trials: int) -> dict:
                 a.join(600)
                 b.join(600)
                 ra, rb = ff.read_result(a_res), ff.read_result(b_res)
-                refused = [r for r in (ra, rb) if "is writing to" in ff.read_log(a_res if r is ra else b_res)]
+                said = {id(r): str(r.get("error", "")) + ff.read_log(p) for r, p in ((ra, a_res), (rb, b_res))}
+                refused = [r for r in (ra, rb) if not r.get("ok") and "is writing to" in said[id(r)]]
+                errors = [said[id(r)][-400:] for r in (ra, rb) if not r.get("ok") and r not in refused]
                 c = ff.compare(clean, ff.outputs(mine, stage))
                 rows.append({"mode": mode, "a_ok": ra.get("ok"), "b_ok": rb.get("ok"), "refused": len(refused),
-                             "differing": c.differing, "lost": c.lost, "duplicated": c.duplicated})
-                print(f"  R4 {stage:5s} {mode:12s}: first {'ok' if ra.get('ok') else 'refused/failed'}, second "
-                      f"{'ok' if rb.get('ok') else 'refused' if refused else 'FAILED'}; outputs "
+                             "errors": errors, "differing": c.differing, "lost": c.lost, "duplicated": c.duplicated})
+                word = {True: "ok"}
+                print(f"  R4 {stage:5s} {mode:12s}: first {word.get(ra.get('ok'), 'refused' if ra in refused else 'FAILED')}, "
+                      f"second {word.get(rb.get('ok'), 'refused' if rb in refused else 'FAILED')}; outputs "
                       f"{'identical' if c.ok else 'DIFFER'}", flush=True)
         out[stage] = {
             "trials": len(rows),
             "second_refused_while_locked": sum(r["refused"] for r in rows if r["mode"] == "while-locked"),
             "both_failed": sum(not r["a_ok"] and not r["b_ok"] for r in rows),
-            "other_failures": sum((not r["a_ok"] or not r["b_ok"]) and not r["refused"] for r in rows),
+            "other_failures": sum(len(r["errors"]) for r in rows),
+            "errors": [e for r in rows for e in r["errors"]][:3],
             "outputs_differing": sum(bool(r["differing"]) or r["lost"] > 0 or r["duplicated"] > 0 for r in rows),
             "rows": rows}
     return out

@@ -329,3 +329,26 @@ def dumps_toml(data: dict) -> str:
 
     table("", data)
     return "\n".join(out).rstrip() + "\n"
+
+
+def with_absolute_paths(cfg: DadConfig) -> DadConfig:
+    """A copy whose local relative paths are absolute: Ray workers run in other working directories.
+
+    The run root and local files (checkpoints, encoder weights, local teacher models) are resolved
+    against this process's working directory; URLs and hub ids are left as they are.
+    """
+    import os
+
+    def local(path: str | None, must_exist: bool) -> str | None:
+        if not path or "://" in path or os.path.isabs(path):
+            return path
+        return os.path.abspath(path) if (not must_exist or os.path.exists(path)) else path
+
+    data = cfg.model_dump()
+    data["run"]["root"] = local(cfg.run.root, must_exist=False)
+    data["train"]["init_from"] = local(cfg.train.init_from, must_exist=True)
+    data["student"]["encoder_weights"] = local(cfg.student.encoder_weights, must_exist=True)
+    for name, t in cfg.teachers.items():
+        prefix, sep, rest = t.model.partition(":") if t.model.startswith("genpercept:") else ("", "", t.model)
+        data["teachers"][name]["model"] = f"{prefix}{sep}{local(rest, must_exist=True)}"
+    return DadConfig.model_validate(data)

@@ -33,7 +33,7 @@ from pipeline.cache import (
     shard_digests,
     write_shard,
 )
-from pipeline.config import DadConfig, TeacherCfg, fingerprint
+from pipeline.config import DadConfig, TeacherCfg, fingerprint, with_absolute_paths
 from pipeline.corpus import iter_shard, shard_ids, shard_name
 from pipeline.crops import box_pixels
 from pipeline.images import resize
@@ -149,7 +149,9 @@ def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int]
     if tcfg.resources:
         remote_args["resources"] = tcfg.resources
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(TeachWorker, fn_constructor_args=(root, cfg, name, fp), batch_size=1,
+    acfg = with_absolute_paths(cfg)  # actors may run in another working directory, or on another node
+    ds = ds.map_batches(TeachWorker, fn_constructor_args=(Root(acfg.run.root, root.storage_options), acfg, name, fp),
+                        batch_size=1,
                         # A task is a whole shard and its input one integer: nothing to prefetch, so each
                         # actor holds one task at a time and no shard waits behind a busy actor at the end.
                         compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(todo)),

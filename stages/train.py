@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import DadConfig, fingerprint
+from pipeline.config import DadConfig, fingerprint, with_absolute_paths
 from pipeline.corpus import shard_ids, shard_name
 from pipeline.ledger import Ledger, check_recorded, stage_lock
 from pipeline.runtime import init_ray, use_inline
@@ -356,7 +356,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
                          f"(or delete train/{t.name}) to train with these")
     with stage_lock(root, STAGE, t.name, break_lock=break_lock, command=f"dad train --name {t.name}"):
         ledger.mark(STAGE, t.name, "run", fp, {"started": time.time()})
-        payload = {"cfg": cfg.model_dump(mode="json"), "fingerprint": fp}
+        payload = {"cfg": with_absolute_paths(cfg).model_dump(mode="json"), "fingerprint": fp}
         with _progress_from_log(root, t):
             if use_inline(cfg.run, root.process_local):
                 if t.workers > 1:

@@ -41,7 +41,9 @@ class TeacherSpec:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(asdict(self) | {"name": None})  # renaming a teacher does not change its targets
+        # The weights identity (hub id@revision or a content hash) stands for the model: renaming a
+        # teacher or moving its checkpoint file does not change its targets.
+        return fingerprint(asdict(self) | {"name": None, "model": None})
 
     def as_attrs(self) -> dict:
         return asdict(self) | {"fingerprint": self.fingerprint}
