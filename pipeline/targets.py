@@ -45,7 +45,8 @@ def aligned_absrel(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     if ref_c is None:
         return float("nan")
     s, t = fit_affine(x, ref_c, mask)
-    err = np.abs(s * x[mask].astype(np.float64) + t - ref_c[mask]) / ref_c[mask]
+    # The floor is fixed in the canonical frame, so it keeps the affine invariance (outliers far below p2).
+    err = np.abs(s * x[mask].astype(np.float64) + t - ref_c[mask]) / np.maximum(ref_c[mask], 0.1)
     return float(err.mean())
 
 
