@@ -193,7 +193,7 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
             axes[i][j].set_title(f"teacher {t}" if i == 0 else "")
         if student is not None:
             with torch.no_grad():
-                x = torch.from_numpy(images[r["row"]]).permute(2, 0, 1)[None].float() / 255
+                x = torch.from_numpy(np.array(images[r["row"]])).permute(2, 0, 1)[None].float() / 255
                 axes[i][-1].imshow(colorize(student(x)[0].numpy()))
             axes[i][-1].set_title("student" if i == 0 else "")
     for ax in axes.flat:
