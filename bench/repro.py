@@ -77,7 +77,7 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(corpus_scenes=240, steps=150, batch=4, seeds=3, eval_scenes=100, realeval=True, warmup=15),
+    "full": Sizes(corpus_scenes=240, steps=100, batch=4, seeds=3, eval_scenes=100, realeval=True, warmup=10),
     "quick": Sizes(corpus_scenes=48, steps=30, batch=4, seeds=1, eval_scenes=24, realeval=True, warmup=5),
 }
 
@@ -361,15 +361,27 @@ class Experiment:
         return self._eval_sets[key]
 
     def evaluate(self, predict_fn, resolution: int = 224) -> dict:
+        """Both datasets, always on one torch thread: the metrics are many small tensor ops, which a
+        second thread slows down badly on a busy machine (and one thread keeps the numbers identical
+        whatever `threads` the training used)."""
+        import torch
+
         from stages.evaluate import evaluate
 
-        out = {}
-        for key in self.datasets:
-            _, summary = evaluate(predict_fn, self.eval_set(key), align="inverse_depth", resolution=resolution)
-            out[key] = {"n": summary["n"], **{k: summary[k] for k in ("abs_rel", "delta1", "rmse")},
-                        "baselines": {b: {k: v[k] for k in ("abs_rel", "delta1")} for b, v in summary["baselines"].items()},
-                        "wins_vs_ramp": summary["wins"]["vertical_ramp"]}
+        out, threads = {}, torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for key in self.datasets:
+                out[key] = self._evaluate_one(evaluate, predict_fn, key, resolution)
+        finally:
+            torch.set_num_threads(threads)
         return out
+
+    def _evaluate_one(self, evaluate, predict_fn, key: str, resolution: int) -> dict:
+        _, summary = evaluate(predict_fn, self.eval_set(key), align="inverse_depth", resolution=resolution)
+        return {"n": summary["n"], **{k: summary[k] for k in ("abs_rel", "delta1", "rmse")},
+                "baselines": {b: {k: v[k] for k in ("abs_rel", "delta1")} for b, v in summary["baselines"].items()},
+                "wins_vs_ramp": summary["wins"]["vertical_ramp"]}
 
     def _cached(self, name: str, key: dict):
         path = self.root / "repro" / "evals" / f"{name}.json"
@@ -441,18 +453,21 @@ def _selection_key(cfg) -> str:
 
 def experiment(quick: bool = False, seeds: int | None = None, steps: int | None = None, zoo: str | None = None,
                root: str | None = None, arms: list[str] | None = None, out: str | None = None,
-               report: bool = True, threads: int = 1, sizes: Sizes | None = None, extra: list[str] | None = None,
+               report: bool = True, threads: int = 0, sizes: Sizes | None = None, extra: list[str] | None = None,
                echo=print) -> dict:
     """Run the grid and write the results JSON and the report page; returns the results.
 
-    `threads`: torch threads for everything (teaching, training, evaluation). One is the default: on a
-    shared 2-core machine torch's second thread mostly waits for a core, and small tensor ops then cost
-    tens of times more (measured: a 256² evaluation 27× slower with 2 threads at load 9).
+    `threads`: torch threads for teaching and training, the same for every arm (evaluation always uses
+    one); 0 = automatic: every core when the machine is idle (1-minute load below half the cores), else one.
+    On a busy 2-core machine torch's second thread mostly waits for a core and small tensor ops then
+    cost tens of times more (measured: a 256² evaluation 27× slower with 2 threads at load 9); on an
+    idle one 2 threads make a training step ≈ 1.6× faster (0.8 s instead of 1.3 s at 224², batch 4).
     `sizes` / `extra` (config overrides) replace the mode's sizes and extend its config (tests)."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(threads or (cores if os.getloadavg()[0] < cores / 2 else 1))
     try:
         return _experiment(quick, seeds, steps, zoo, root, arms, out, report, sizes, extra, echo)
     finally:
@@ -468,7 +483,9 @@ def _experiment(quick, seeds, steps, zoo, root, arms, out, report, sizes, extra,
     n_seeds = seeds or sizes.seeds
     zoo_dir = find_zoo(zoo)
     zinfo = zoo_info(zoo_dir)
-    root_dir = Path(root) if root else REPO / "runs" / "repro" / f"{mode}-{zinfo['fingerprint']}"
+    # a root per (sizes, zoo): runs of other step counts or teachers never mix with these (more seeds do)
+    shape = hashlib.sha256(json.dumps({**asdict(sizes), "seeds": None}, sort_keys=True).encode()).hexdigest()[:6]
+    root_dir = Path(root) if root else REPO / "runs" / "repro" / f"{mode}-{shape}-{zinfo['fingerprint']}"
     root_dir = root_dir.resolve()
     datasets = {"scenes": f"scenes:n={sizes.eval_scenes},seed=900000,size={sizes.scene_size}"}
     if sizes.realeval and REALEVAL.exists():
@@ -546,16 +563,21 @@ def render_text(results: dict) -> str:
               + (f" — layout: {z['layout_training']}" if z.get("layout_training") else "")), ""]
     for t in results["tables"].values():
         parts += [markdown_table(t), ""]
-    ref_rows = [[name, *[f"{m[d]['abs_rel']:.3f}" for d in labels]] for name, m in results["references"].items()]
-    first = next(iter(results["references"].values()))
-    for b in ("constant", "vertical_ramp"):
-        ref_rows.append([f"baseline: {b}", *[f"{first[d]['baselines'][b]['abs_rel']:.3f}" for d in labels]])
-    parts += [markdown_table({"title": "References (AbsRel ↓): the teachers, the student before training, "
-                                       "trivial baselines", "header": ["model", *labels.values()], "rows": ref_rows}), ""]
+    parts += [markdown_table(references_table(results)), ""]
     parts += ["**Claims** — " + results["protocol"]["rule"], "", claims_markdown(results["claims"], labels), "",
               (f"Claims holding on the held-out renders: {results['held']} of {results['claims_counted']} "
                f"({results['held_on_all_datasets']} on every dataset).")]
     return "\n".join(parts)
+
+
+def references_table(results: dict) -> dict:
+    labels = results["dataset_labels"]
+    rows = [[name, *[f"{m[d]['abs_rel']:.3f}" for d in labels]] for name, m in results["references"].items()]
+    first = next(iter(results["references"].values()))
+    for b in ("constant", "vertical_ramp"):
+        rows.append([f"baseline: {b}", *[f"{first[d]['baselines'][b]['abs_rel']:.3f}" for d in labels]])
+    return {"title": "References (AbsRel ↓): the teachers, the student before training, trivial baselines",
+            "header": ["model", *labels.values()], "rows": rows}
 
 
 def render_html(results: dict) -> str:
@@ -581,6 +603,7 @@ def render_html(results: dict) -> str:
               f"Machine: {results['machine']['cores']} cores, wall time {results['wall_seconds'] / 60:.1f} min. "
               f"AbsRel after per-image least-squares alignment in inverse depth; mean ± std over seeds.</p>")]
     parts += [table(t) for t in results["tables"].values()]
+    parts.append(table(references_table(results)))
     parts.append(table({"title": "Claims: " + results["protocol"]["rule"],
                         "header": ["claim", "paper", "Δ AbsRel (" + " / ".join(labels.values()) + ")", "verdict",
                                    *[f"on {v}" for v in labels.values()]], "rows": claim_rows}))
@@ -610,12 +633,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.repro", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and eval images, 1 seed (≈ 5–10 min)")
     ap.add_argument("--seeds", type=int, help="training seeds per arm (default: 3, or 1 with --quick)")
-    ap.add_argument("--steps", type=int, help="training steps per arm (default: 150, or 30 with --quick)")
+    ap.add_argument("--steps", type=int, help="training steps per arm (default: 100, or 30 with --quick)")
     ap.add_argument("--zoo", help=f"folder with layout.pt and detail.pt (default: zoo/, or ${ZOO_ENV})")
-    ap.add_argument("--root", help="run root (default: runs/repro/<mode>-<zoo fingerprint>)")
-    ap.add_argument("--arms", nargs="+", choices=sorted(ARM), help="only these arms (tables then have gaps)")
+    ap.add_argument("--root", help="run root (default: runs/repro/<mode>-<sizes>-<zoo fingerprint>)")
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARM), metavar="ARM",
+                    help=f"only these arms (tables then have gaps): {', '.join(ARM)}")
     ap.add_argument("--out", help="results JSON (default: bench/results/repro.json, repro-quick.json with --quick)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see experiment())")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for teaching and training, every arm (default: all cores if the "
+                         "machine is idle at the start, else 1; evaluation always uses 1)")
     ap.add_argument("--no-report", action="store_true", help="do not run the report stage at the end")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -241,7 +241,8 @@ def outputs(raw: dict, stage: str) -> Outputs:
                 out.digests[f"cache/{name}/{a}"] = _digest(np.ascontiguousarray(arr).tobytes())
             filled = np.flatnonzero(arrays["global_valid"].reshape(len(arrays["global_valid"]), -1).any(axis=1))
             out.units += [f"{name}:{r}" for r in filled]
-            cells = sorted(root.listdir("ledger", "teach", name))
+            cells = sorted(n for n in root.listdir("ledger", "teach", name)  # temp files: counted as `stray`
+                           if not any(m in n for m in TMP_MARKERS))
             out.digests[f"ledger/teach/{name}"] = _digest("\n".join(cells).encode())
             for cell in cells:
                 if cell.endswith(f".{fp}.json"):

@@ -158,3 +158,30 @@ def test_tiny_arms_end_to_end(tiny_zoo, tmp_path):
                              out=str(out), report=False, sizes=TINY, extra=TINY_SETS, echo=lambda s: None)
     for r in again["runs"]:
         assert r["reused"] and r["metrics"] == runs[r["arm"]]["metrics"]
+
+
+def test_train_seed_varies_training_not_the_corpus():
+    from pipeline.config import load_config
+    from stages.train import train_seed
+
+    qs = repro.QUICKSTART
+    base = load_config(qs, root="memory://r")
+    seeded = load_config(qs, root="memory://r", overrides=["train.seed=7"])
+    assert train_seed(base) == base.run.seed == 0 and train_seed(seeded) == 7
+    shard_keys = ("run.seed", "corpus", "crops")  # what the corpus and its crop plan depend on
+    assert seeded.section_fingerprint(*shard_keys) == base.section_fingerprint(*shard_keys)
+    assert "seed" not in base.model_dump(exclude_none=True)["train"]  # unset: dad.toml as before
+
+
+def test_local_global_only_gets_no_shared_context_supervision():
+    import torch
+
+    from student.trainer import StepConfig, losses
+
+    g, k, n = 28, 2, 14
+    batch = {"target": torch.rand(1, g, g) + 0.5, "valid": torch.ones(1, g, g, dtype=torch.bool),
+             "locals": torch.rand(1, k, n, n) + 0.5, "local_valid": torch.ones(1, k, n, n, dtype=torch.bool),
+             "boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])}
+    pred = torch.rand(1, g, g) + 0.5
+    assert set(losses(pred, batch, StepConfig(use_sc=False))) == {"lg", "total"}  # no L_grad on the SC pair
+    assert set(losses(pred, batch, StepConfig(use_lg=False))) == {"sc", "grad", "total"}
