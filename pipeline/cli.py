@@ -116,6 +116,11 @@ def _run_stage(module: str, cfg: DadConfig, **kwargs) -> dict:
     stage = importlib.import_module(f"stages.{module}")
     summary = stage.run(cfg, **kwargs)
     _summary(summary)
+    if not summary.get("skipped"):
+        from pipeline.ledger import Ledger
+        from pipeline.storage import Root
+
+        Ledger(Root(cfg.run.root)).record_run(summary)
     return summary
 
 

@@ -169,11 +169,30 @@ class TrainCfg(Section):
     deterministic: bool = False
     amp: bool = True
     prefetch: int = Field(2, ge=0)
+    val_dataset: str | None = Field(None, description="periodic validation set, an eval spec kind:PATH (e.g. "
+                                                      "scenes:n=32,seed=900000); never a set you report on")
+    val_every: int | None = Field(None, ge=1, description="validate every N steps (default: checkpoint_every)")
+    val_samples: int = Field(16, ge=1, description="images per validation (the first N of val_dataset)")
 
     @model_validator(mode="after")
     def _some_loss(self) -> "TrainCfg":
         if not (self.use_sc or self.use_lg):
             raise ValueError("train.use_sc and train.use_lg cannot both be false (nothing to learn from)")
+        return self
+
+    @field_validator("val_dataset")
+    @classmethod
+    def _val_spec(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pipeline.datasets.eval_sets import parse_spec
+
+            parse_spec(v)  # kind:PATH with a known kind; the data itself is opened by the training worker
+        return v
+
+    @model_validator(mode="after")
+    def _val(self) -> "TrainCfg":
+        if self.val_every is not None and self.val_dataset is None:
+            raise ValueError("train.val_every needs train.val_dataset (an eval spec kind:PATH)")
         return self
 
 
@@ -348,6 +367,9 @@ def with_absolute_paths(cfg: DadConfig) -> DadConfig:
     data["run"]["root"] = local(cfg.run.root, must_exist=False)
     data["train"]["init_from"] = local(cfg.train.init_from, must_exist=True)
     data["student"]["encoder_weights"] = local(cfg.student.encoder_weights, must_exist=True)
+    if cfg.train.val_dataset:
+        kind, _, path = cfg.train.val_dataset.partition(":")
+        data["train"]["val_dataset"] = f"{kind}:{local(path, must_exist=True)}"
     for name, t in cfg.teachers.items():
         prefix, sep, rest = t.model.partition(":") if t.model.startswith("genpercept:") else ("", "", t.model)
         data["teachers"][name]["model"] = f"{prefix}{sep}{local(rest, must_exist=True)}"

@@ -78,6 +78,19 @@ class Ledger:
     def forget(self, stage: str, scope: str) -> None:
         self.root.remove(*self._dir(stage, scope), recursive=True)
 
+    def record_run(self, summary: dict) -> None:
+        """Keep the latest finished run of a command (`ledger/_runs/<stage>[-<name>].json`): wall time
+        and summary for the report. Not a marker: nothing is skipped because of it."""
+        key = "-".join(str(x) for x in (summary.get("stage", "stage"), summary.get("name")) if x)
+        flat = {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        self.root.write_json({**flat, "finished": time.time()}, "ledger", "_runs", f"{key}.json")
+
+    def runs(self) -> list[dict]:
+        """The recorded runs, oldest first."""
+        records = [self.root.read_json("ledger", "_runs", n) for n in self.root.listdir("ledger", "_runs")
+                   if n.endswith(".json")]
+        return sorted(records, key=lambda r: r["finished"])
+
 
 # -- locks ---------------------------------------------------------------------------------
 

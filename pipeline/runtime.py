@@ -35,6 +35,7 @@ _QUIET_ENV = {
     "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data re-applies its own INFO config at each execution otherwise
     "RAY_BACKEND_LOG_LEVEL": "fatal",  # C++ core-worker chatter; full logs stay in the Ray session folder
     "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED", "1"),
 }

@@ -186,6 +186,37 @@ def render_picture(sample: EvalSample, pred_disp: np.ndarray, result: dict, spac
     return png_bytes(fig)
 
 
+def comparison_picture(sample: EvalSample, preds: dict[str, np.ndarray], space: str, dataset_label: str,
+                       min_depth: float | None = None, max_depth: float | None = None,
+                       fit_max_res: int | None = None) -> bytes:
+    """PNG, one row: RGB | ground truth | each model's aligned prediction (titled with its AbsRel) | the
+    last model's relative error. All depth panels share the GT's colour scale, as in render_picture."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import colorize, png_bytes
+
+    shown, err, titles = [], None, []
+    for name, disp in preds.items():
+        gt_show, pred_show, err = _aligned_maps(disp, sample, space, min_depth, max_depth, fit_max_res)
+        res = score_sample(disp, sample, space, min_depth, max_depth, fit_max_res)
+        shown.append(pred_show)
+        titles.append(f"{name}  AbsRel {res['abs_rel']:.3f}")
+    vals = gt_show[np.isfinite(gt_show)]
+    lo, hi = (np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0))
+    panels = [sample.rgb, colorize(gt_show, lo, hi), *[colorize(p, lo, hi) for p in shown],
+              colorize(np.where(np.isinf(err), ERROR_CAP, err), 0.0, ERROR_CAP, cmap="magma")]
+    titles = ["RGB", "ground truth", *titles, f"|error|/GT of {list(preds)[-1]}"]
+    h, w = sample.gt.shape
+    panel_w = min(2.2 * w / h, 5.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_w, 2.7))
+    for ax, img, title in zip(axes, panels, titles):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{dataset_label} / {sample.id} ({sample.family})", fontsize=9)
+    return png_bytes(fig)
+
+
 # -- one dataset ---------------------------------------------------------------------------------
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -11,6 +11,10 @@ states and the step (which is the data position: every draw is seeded by (seed, 
 A rerun resumes from the latest checkpoint; `--init-from` starts from a student checkpoint or a
 Depth Anything model directory. `metrics.jsonl` and TensorBoard events record the loss terms,
 learning rates and the predictions' median and spread (students drift in scale, PAPER §2.5).
+With `train.val_dataset`, rank 0 also scores the student every `val_every` steps on a held-out set
+(the eval stage's own protocol, `stages.evaluate.evaluate`) into `val.jsonl` and TensorBoard `val/*`:
+a drift or collapse shows during the run, not after it. Validation leaves the weights, the RNG
+streams and therefore a resumed run exactly as they would be without it.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ from student.trainer import (
 log = logging.getLogger("dad.train")
 STAGE = "train"
 CKPT = re.compile(r"^ckpt-(\d{7})\.pt$")
+LOGS = ("metrics.jsonl", "val.jsonl")
 KEEP_CHECKPOINTS = 2  # ckpt-*.pt files kept (the newest); model.pt (the final weights) is always kept
 RESUME_FREE = {"steps", "checkpoint_every", "log_every", "workers", "cpus_per_worker", "gpus_per_worker",
-               "resources_per_worker", "prefetch", "name"}
+               "resources_per_worker", "prefetch", "name", "val_dataset", "val_every", "val_samples"}
 
 
 def train_seed(cfg: DadConfig) -> int:
@@ -226,7 +231,7 @@ def worker_loop(config: dict) -> None:
         log.info("frozen (used by no forward pass): %s", ", ".join(unused))
     opt = make_optimizer(model, t.lr_encoder, t.lr_decoder, t.weight_decay)
     sched = make_scheduler(opt, t.warmup_steps, t.steps)
-    start, history = 0, []
+    start = 0
     resume = latest_checkpoint(root, t.name)
     if resume:
         model_r, extra = load_checkpoint(resume[1])
@@ -238,13 +243,9 @@ def worker_loop(config: dict) -> None:
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
         start = int(extra["step"])
-        if rank == 0 and root.exists("train", t.name, "metrics.jsonl"):
-            history = [json.loads(x) for x in root.read_bytes("train", t.name, "metrics.jsonl").decode().splitlines()
-                       if x.strip()]
-            history = [h for h in history if h["step"] <= start]
-            root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", t.name, "metrics.jsonl")
-    elif rank == 0 and root.exists("train", t.name, "metrics.jsonl"):
-        root.remove("train", t.name, "metrics.jsonl")  # a crash before the first checkpoint: start the log over
+    logs = {f: _truncated_log(root, t.name, f, start) for f in LOGS} if rank == 0 else {}
+    history, val_history = logs.get("metrics.jsonl", []), logs.get("val.jsonl", [])
+    validate = _validator(cfg, device) if rank == 0 and t.val_dataset else None
     frozen = frozen_encoder(model).to(device) if t.feature_loss else None
     model.to(device)
     if world > 1:
@@ -275,7 +276,11 @@ def worker_loop(config: dict) -> None:
                           "teachers": usage.tolist()}
                 usage[:] = 0
                 history.append(record)
-                _log(root, t.name, history, writer, record)
+                _log(root, t.name, "metrics.jsonl", history, writer, record)
+            if validate and (step % (t.val_every or t.checkpoint_every) == 0 or step == t.steps):
+                record = {"step": step, **validate(model.module if hasattr(model, "module") else model)}
+                val_history.append(record)
+                _log(root, t.name, "val.jsonl", val_history, writer, record)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 core = model.module if hasattr(model, "module") else model
                 extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
@@ -314,15 +319,61 @@ def _tensorboard(root: Root, name: str):
     return SummaryWriter(logdir)
 
 
-def _log(root: Root, name: str, history: list[dict], writer, record: dict) -> None:
+def _truncated_log(root: Root, name: str, file: str, start: int) -> list[dict]:
+    """The records of a log up to the step training (re)starts from, rewritten so; [] for a fresh run
+    (a crash before the first checkpoint starts the log over)."""
+    if not root.exists("train", name, file):
+        return []
+    if start == 0:
+        root.remove("train", name, file)
+        return []
+    lines = root.read_bytes("train", name, file).decode().splitlines()
+    history = [h for h in (json.loads(x) for x in lines if x.strip()) if h["step"] <= start]
+    root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, file)
+    return history
+
+
+def _validator(cfg: DadConfig, device: torch.device):
+    """A function model → {val_abs_rel, val_delta1, val_n, val_seconds} on the first `val_samples` images
+    of `train.val_dataset`, with the eval stage's alignment and resolution. It saves and restores the
+    RNG states and the train/eval mode, so validating changes nothing about the training itself."""
+    from pipeline.datasets.eval_sets import open_dataset
+    from stages.evaluate import evaluate
+
+    t = cfg.train
+    dataset = open_dataset(t.val_dataset)  # opened once: a bad path fails at the start, not at step N
+
+    def validate(model) -> dict:
+        was_training, rng = model.training, torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+        model.eval()
+        try:
+            def predict_fn(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return model(x.to(device)).float()
+
+            _, summary = evaluate(predict_fn, dataset, align=cfg.eval.align, resolution=cfg.eval.resolution,
+                                  max_samples=t.val_samples, device=device)
+        finally:
+            model.train(was_training)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        return {"val_abs_rel": summary["abs_rel"], "val_delta1": summary["delta1"], "val_n": summary["n"],
+                "val_seconds": summary["seconds"]}
+
+    return validate
+
+
+def _log(root: Root, name: str, file: str, history: list[dict], writer, record: dict) -> None:
     line = json.dumps(record) + "\n"
     if root.is_local:  # append; the file was truncated to the resumed step when training (re)started
-        path = root.path("train", name, "metrics.jsonl")
+        path = root.path("train", name, file)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
             f.write(line)
     else:  # object stores cannot append: rewrite the whole (small) log
-        root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, "metrics.jsonl")
+        root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, file)
     if writer is not None:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,8 @@ from PIL import Image
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Rendered views are memoised in a folder of this session only: tests never read a user's cache.
+os.environ["DAD_RENDER_CACHE"] = tempfile.mkdtemp(prefix="dad-test-renders-")
 
 
 def image_array(width: int, height: int, seed: int = 0) -> np.ndarray:

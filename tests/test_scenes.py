@@ -234,3 +234,40 @@ def test_meshes_split_over_several_multibodies_render_the_same(monkeypatch):
     np.testing.assert_array_equal(whole.depth, split.depth)
     np.testing.assert_array_equal(whole.floor_mask, split.floor_mask)
     assert whole.n_objects == split.n_objects > 0
+
+
+# -- the render memo (pipeline/datasets/generated.py) -------------------------------------------
+
+def test_render_memo_returns_the_renderers_exact_views_and_survives_corruption(tmp_path, monkeypatch):
+    from pipeline.datasets import generated
+
+    monkeypatch.setenv("DAD_RENDER_CACHE", str(tmp_path))
+    seeds = [40, 41, 47]
+    first = generated.rendered(seeds, 48)
+    for s, (rgb, depth, kind) in zip(seeds, first):
+        v = scenes.render_view(s, size=48)
+        assert np.array_equal(rgb, v.rgb) and np.array_equal(depth, v.depth.astype(np.float32)) and kind == v.kind
+    folder = tmp_path / generated.renderer_fingerprint()
+    assert sorted(os.listdir(folder)) == ["48-40.npz", "48-41.npz", "48-47.npz"]
+
+    def no_render(seeds, size):  # the second call must come from the memo
+        assert not list(seeds), "rendered again despite the memo"
+        return iter(())
+
+    monkeypatch.setattr(scenes, "render_views", no_render)
+    again = generated.rendered(seeds, 48)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
+    monkeypatch.undo()
+    monkeypatch.setenv("DAD_RENDER_CACHE", str(tmp_path))
+    (folder / "48-41.npz").write_bytes(b"half a file")  # corrupt entry: rendered again, and replaced
+    fixed = generated.rendered([41], 48)[0]
+    assert np.array_equal(fixed[0], first[1][0]) and np.load(folder / "48-41.npz")["rgb"].shape == (48, 48, 3)
+
+
+def test_render_memo_can_be_switched_off(monkeypatch):
+    from pipeline.datasets import generated
+
+    monkeypatch.setenv("DAD_RENDER_CACHE", "off")
+    assert generated.render_cache_dir() is None
+    rgb, _, _ = generated.rendered([5], 32)[0]
+    assert np.array_equal(rgb, scenes.render_view(5, size=32).rgb)

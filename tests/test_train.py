@@ -348,3 +348,63 @@ def test_a_failed_ray_worker_is_reported_with_its_own_error():
     assert stages.train._worker_error(err) == "rank 0: ValueError: bad batch"
     err = WorkerGroupError("Training failed", {1: FileNotFoundError("[Errno 2] corpus/shards/000001.tar")})
     assert stages.train._worker_error(err) == "rank 1: FileNotFoundError: [Errno 2] corpus/shards/000001.tar"
+
+
+# -- periodic validation ------------------------------------------------------------------------
+
+def with_validation(cfg, **val):
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(val)
+    raw["eval"].update({"align": "inverse_depth", "resolution": 56})
+    return load_config(raw=raw)
+
+
+VAL = "scenes:n=3,seed=900000,size=64"
+
+
+@pytest.mark.timeout(300)
+def test_validation_is_logged_and_changes_nothing_about_training(cached, tmp_path):
+    from stages.evaluate import evaluate
+
+    opts = {"steps": 5, "checkpoint_every": 2, "deterministic": True}
+    plain = train_config(copy_run(cached, tmp_path / "plain"), **opts)
+    validated = with_validation(train_config(copy_run(cached, tmp_path / "val"), **opts),
+                                val_dataset=VAL, val_every=2, val_samples=2)
+    stages.train.run(plain)
+    stages.train.run(validated)
+    root = Root(validated.run.root)
+    val = [json.loads(x) for x in root.read_bytes("train", "student", "val.jsonl").decode().splitlines()]
+    assert [v["step"] for v in val] == [2, 4, 5] and all(v["val_n"] == 2 for v in val)
+    # same weights and losses as without validation (RNG streams and train mode restored)
+    final = root.uri("train", "student", "model.pt")
+    assert same_weights(weights(final), weights(Root(plain.run.root).uri("train", "student", "model.pt")))
+    assert [m["loss_total"] for m in metrics(validated)] == [m["loss_total"] for m in metrics(plain)]
+    # the last validation is the eval protocol applied to the final weights
+    model, _ = load_checkpoint(final)
+    model.eval()
+    _, summary = evaluate(lambda x: model(x), VAL, align="inverse_depth", resolution=56, max_samples=2)
+    assert val[-1]["val_abs_rel"] == pytest.approx(summary["abs_rel"], rel=1e-5)
+    assert val[-1]["val_delta1"] == pytest.approx(summary["delta1"], rel=1e-5)
+    assert any(f.startswith("events") for f in os.listdir(root.path("train", "student", "tb")))
+
+
+@pytest.mark.timeout(300)
+def test_validation_log_survives_a_crash_and_resume(cached, tmp_path, monkeypatch):
+    cfg = with_validation(train_config(copy_run(cached, tmp_path / "r"), steps=6, checkpoint_every=2),
+                          val_dataset=VAL, val_every=1, val_samples=1)
+    crash_after(monkeypatch, 5)  # dies in step 6; the last checkpoint is step 4, validations 1–5 logged
+    with pytest.raises(Crash):
+        stages.train.run(cfg)
+    monkeypatch.undo()
+    stages.train.run(cfg)
+    text = Root(cfg.run.root).read_bytes("train", "student", "val.jsonl").decode()
+    assert [json.loads(x)["step"] for x in text.splitlines()] == [1, 2, 3, 4, 5, 6]  # 5 once, not twice
+
+
+def test_validation_settings_are_checked_before_any_work(cached):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.val_every"):
+        with_validation(cached, val_every=10)
+    with pytest.raises(ConfigError, match="train.val_dataset"):
+        with_validation(cached, val_dataset="nosuchkind:/x")

@@ -14,7 +14,11 @@ below 100000, the quickstart corpus uses 100000+, held-out evaluation 900000+.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -65,19 +69,77 @@ def available_photos() -> list[str]:
     return names
 
 
-def render_bytes(uris: list[str]) -> list[bytes]:
-    """PNG bytes of rendered views 'scenes:seed=S,size=Z' (consecutive seeds share a scene build)."""
+# -- rendered views, memoised on local disk ----------------------------------------------------
+# A view is a pure function of (seed, size) and the renderer's code, and the same views are rendered
+# again and again: the shard stage renders each one to hash it and again to write it, every `dad eval`
+# re-renders its held-out set. The memo is keyed by a hash of the renderer's source files and the
+# pybullet version, so a changed renderer never serves stale pixels. DAD_RENDER_CACHE=off disables
+# it; DAD_RENDER_CACHE=DIR moves it (default ~/.cache/dad/renders).
+
+RENDERER_MODULES = ("scenes", "layouts", "meshes", "props", "textures", "shading", "photometric", "bullet_args")
+
+
+@functools.lru_cache(maxsize=1)
+def renderer_fingerprint() -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256(version("pybullet").encode())
+    here = Path(__file__).parent
+    for name in RENDERER_MODULES:
+        h.update((here / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def render_cache_dir() -> Path | None:
+    where = os.environ.get("DAD_RENDER_CACHE", "")
+    if where.lower() in ("off", "0", "no", "false"):
+        return None
+    base = Path(where).expanduser() if where else Path.home() / ".cache" / "dad" / "renders"
+    return base / renderer_fingerprint()
+
+
+def rendered(seeds: list[int], size: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(rgb uint8, depth float32, kind) of views `seeds` at `size`, from the memo or rendered (and stored)."""
     from pipeline.datasets.scenes import render_views
 
+    folder = render_cache_dir()
+    out: dict[int, tuple] = {}
+    if folder is not None:
+        for s in seeds:
+            try:
+                with np.load(folder / f"{size}-{s}.npz") as z:
+                    out[s] = (z["rgb"], z["depth"], str(z["kind"]))
+            except (OSError, KeyError, ValueError):  # missing or unreadable (half-written, corrupt): render
+                pass
+    for view in render_views([s for s in seeds if s not in out], size=size):
+        out[view.seed] = (view.rgb, view.depth.astype(np.float32), view.kind)
+        if folder is not None:
+            _store(folder, f"{size}-{view.seed}.npz", *out[view.seed])
+    return [out[s] for s in seeds]
+
+
+def _store(folder: Path, name: str, rgb: np.ndarray, depth: np.ndarray, kind: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, rgb=rgb, depth=depth, kind=np.array(kind))
+        os.replace(tmp, folder / name)  # atomic: readers see a whole file or none
+    except OSError:  # a read-only or full disk only costs the memo, never the render
+        pass
+
+
+def render_bytes(uris: list[str]) -> list[bytes]:
+    """PNG bytes of rendered views 'scenes:seed=S,size=Z' (consecutive seeds share a scene build)."""
     params = [parse_params(u.removeprefix("scenes:"), {"seed": 0, "size": 256}) for u in uris]
     by_size: dict[int, list[int]] = {}
     for p in params:
         by_size.setdefault(p["size"], []).append(p["seed"])
-    rendered: dict[tuple[int, int], bytes] = {}
+    pngs: dict[tuple[int, int], bytes] = {}
     for size, seeds in by_size.items():
-        for view in render_views(seeds, size=size):
-            rendered[(view.seed, size)] = _png(view.rgb)
-    return [rendered[(p["seed"], p["size"])] for p in params]
+        for seed, (rgb, _, _) in zip(seeds, rendered(seeds, size)):
+            pngs[(seed, size)] = _png(rgb)
+    return [pngs[(p["seed"], p["size"])] for p in params]
 
 
 def photo_bytes(uri: str) -> bytes:
@@ -99,12 +161,11 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def _load_view(item: tuple[int, int]) -> EvalSample:
-    from pipeline.datasets.scenes import render_view, view_id
+    from pipeline.datasets.scenes import view_id
 
     seed, size = item
-    v = render_view(seed, size=size)
-    depth = v.depth.astype(np.float32)
-    return EvalSample(view_id(seed), v.rgb, depth, "depth", depth > 0, v.kind)
+    [(rgb, depth, kind)] = rendered([seed], size)
+    return EvalSample(view_id(seed), rgb, depth, "depth", depth > 0, kind)
 
 
 def open_scenes(params: str) -> EvalDataset:
