@@ -81,28 +81,16 @@ class Cluster:
         self.log = tmp / "ray_nodes.log"
 
     def start(self, *args: str) -> None:
-        # Nodes sharing one machine need their own ports: the dashboard agent's HTTP port defaults to a
-        # fixed 52365, and a second node's agent then fails to bind and takes its raylet down with it.
-        ports = [f"--{flag}={free_port()}" for flag in (
-            "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "runtime-env-agent-port")]
         with open(self.log, "ab") as log:
             self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-                                                *ports, *args], env=self.env, stdout=log, stderr=log,
-                                               start_new_session=True))
+                                                *args], env=self.env, stdout=log, stderr=log, start_new_session=True))
 
-    def up(self) -> None:
-        self.start("--head", f"--port={self.port}", "--num-cpus=1", f"--temp-dir={self.temp}",
-                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
-                   "--disable-usage-stats")
-        self.wait_nodes(1)
-        # Worker nodes share the head's session folder and number their socket files after those already
-        # there: two nodes starting together pick the same `plasma_store.1` and the second raylet dies
-        # with "bind: Address already in use". So they join one at a time.
-        for i in range(2):
-            self.start(f"--address=127.0.0.1:{self.port}", "--num-cpus=1",
-                       f"--resources={json.dumps({'teacher_slot': 1, f'worker_{i}': 1})}")
-            self.wait_nodes(2 + i)
+    def up(self, workers: int = 2) -> None:
+        """Head, then worker nodes one at a time, each with its own ports (fault_fixtures.start_cluster):
+        nodes sharing a host and session folder collide on default ports and socket names otherwise."""
+        from fault_fixtures import start_cluster
+
+        start_cluster(self, workers)
 
     def nodes(self) -> list[dict]:
         out = subprocess.run([str(BIN / "python"), "-c", (
