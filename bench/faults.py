@@ -153,6 +153,7 @@ def r2_node(work: Path) -> dict:
     """One trial of the slow test's scenario (tests/test_faults.py::test_r2_kill_a_worker_node_mid_teach)."""
     import subprocess
 
+    work.mkdir(parents=True, exist_ok=True)  # pytest creates --basetemp itself, but not its parents
     res = subprocess.run([sys.executable, "-m", "pytest", str(TESTS / "test_faults.py"), "-q", "-m", "slow",
                           "-k", "worker_node", "-p", "no:cacheprovider", f"--basetemp={work / 'node'}"],
                          capture_output=True, text=True, timeout=1200, cwd=TESTS.parent, check=False)
