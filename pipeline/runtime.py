@@ -74,6 +74,8 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
              res.get("CPU", 0), res.get("GPU", 0), time.time() - t0)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # dad draws its own progress bars; Ray Data would warn once that its own are off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
         from ray.data import DataContext
 
