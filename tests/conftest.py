@@ -149,3 +149,16 @@ def ray_session():
     from pipeline.runtime import shutdown_ray
 
     shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module (as each Ray worker here): on a small shared machine two
+    threads only contend (a 256² evaluation measured ~10× slower with two under load).
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,16 +27,8 @@ from student import data as data_mod
 from student.data import EpochPlan, draw_teacher, prefetch, shard_plan, steps_per_epoch
 from student.losses import crop_resample
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread (as each Ray worker here): two threads on a shared 2-core box only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

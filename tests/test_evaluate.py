@@ -22,18 +22,12 @@ from typer.testing import CliRunner
 from pipeline.datasets import open_dataset
 from stages.evaluate import BASELINES, CSV_COLUMNS, aggregate, evaluate, gt_disparity, score_sample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REALEVAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "realeval"
 H, W = 28, 42
 TOP, BOTTOM = (slice(0, 14), slice(None)), (slice(14, 28), slice(None))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine is small and shared: one intra-op thread is ~10x faster than two under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def red_channel(x: torch.Tensor) -> torch.Tensor:

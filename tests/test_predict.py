@@ -12,15 +12,10 @@ from typer.testing import CliRunner
 
 from stages import predict as predict_stage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RES = 28
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

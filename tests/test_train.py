@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from teach_fixtures import subprocess_env
 from train_fixtures import (
     batches_of,
@@ -41,16 +40,10 @@ from pipeline.storage import Root
 from student.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from student.data import EpochPlan, draw_teacher
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DAD = str(Path(sys.executable).parent / "dad")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread (as each Ray worker here): two threads on a shared 2-core box only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
