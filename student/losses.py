@@ -101,7 +101,10 @@ def _mask(pred: torch.Tensor, mask) -> torch.Tensor:
 def normalized_l1(pred: torch.Tensor, target: torch.Tensor, mask=None, norm: str = "hybrid") -> torch.Tensor:
     """L_Dis of Eq. 2 / 4 / 5 / 6 for (B, H, W) maps: scalar, sum over pixels / number of valid pixels."""
     mask = _mask(pred, mask)
-    residual, contexts = context_residuals(pred, target, mask, norm)
+    return _l1(*context_residuals(pred, target, mask, norm), mask)
+
+
+def _l1(residual: torch.Tensor, contexts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     per_pixel = residual.abs().sum(0) / contexts.sum(0).clamp(min=1)
     return per_pixel.sum() / mask.sum().clamp(min=1)
 
@@ -115,6 +118,20 @@ def normalized_residual(pred: torch.Tensor, target: torch.Tensor, mask=None, nor
 def shared_context_loss(student, teacher, mask=None, norm: str = "hybrid") -> torch.Tensor:
     """L_sc (Eq. 7): teacher and student saw the same (resized global) input."""
     return normalized_l1(student, teacher, mask, norm)
+
+
+def shared_context_terms(student, teacher, mask=None, norm: str = "hybrid",
+                         grad_norm: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_sc, L_grad) of one shared-context pair; equal to `shared_context_loss(…, norm)` and
+    `gradient_loss(…, grad_norm)` but, when the two norms agree (the default), the normalisation —
+    the per-context medians, most of the loss's cost — is computed once for both."""
+    mask = _mask(student, mask)
+    grad_norm = grad_norm or norm
+    residual, contexts = context_residuals(student, teacher, mask, norm)
+    sc = _l1(residual, contexts, mask)
+    if grad_norm != norm:
+        return sc, gradient_loss(student, teacher, mask, grad_norm)
+    return sc, _gradient_matching(residual.sum(0) / contexts.sum(0).clamp(min=1), mask)
 
 
 def crop_resample(maps: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -140,7 +157,10 @@ def local_global_loss(student_global, teacher_locals, boxes, local_mask=None, no
 def gradient_loss(pred, target, mask=None, norm: str = "global", scales: int = 4) -> torch.Tensor:
     """L_grad: multi-scale gradient matching of the normalised residual (MiDaS, summed over scales)."""
     mask = _mask(pred, mask)
-    residual = normalized_residual(pred, target, mask, norm)
+    return _gradient_matching(normalized_residual(pred, target, mask, norm), mask, scales)
+
+
+def _gradient_matching(residual: torch.Tensor, mask: torch.Tensor, scales: int = 4) -> torch.Tensor:
     total = residual.new_zeros(())
     for k in range(scales):
         r, m = residual[:, :: 2**k, :: 2**k], mask[:, :: 2**k, :: 2**k]

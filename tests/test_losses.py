@@ -16,6 +16,7 @@ from student.losses import (
     gradient_loss,
     local_global_loss,
     normalized_l1,
+    shared_context_terms,
     shift_scale,
     total_loss,
 )
@@ -210,3 +211,21 @@ def test_total_loss_weights():
     assert terms["total"].item() == pytest.approx(expected.item())
     only_sc = total_loss(student, teacher, weights=LossWeights(grad=0.0), sc_norm="none")
     assert set(only_sc) == {"sc", "total"} and only_sc["total"] == normalized_l1(student, teacher, norm="none")
+
+
+@pytest.mark.parametrize("norm,grad_norm", [("hybrid", None), ("global", None), ("local", None), ("none", "global")])
+def test_shared_context_terms_equal_the_separate_losses_and_their_gradients(norm, grad_norm):
+    """The training step computes L_sc and L_grad from one normalisation: same values, same gradients."""
+    torch.manual_seed(5)
+    teacher = torch.rand(2, 12, 12) + 0.1
+    mask = torch.rand(2, 12, 12) > 0.2
+    a = (torch.rand(2, 12, 12) * 3).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    sc, grad = shared_context_terms(a, teacher, mask, norm, grad_norm)
+    sc_ref = normalized_l1(b, teacher, mask, norm)
+    grad_ref = gradient_loss(b, teacher, mask, grad_norm or norm)
+    assert sc.item() == pytest.approx(sc_ref.item(), rel=1e-6) and sc.item() > 0
+    assert grad.item() == pytest.approx(grad_ref.item(), rel=1e-6) and grad.item() > 0
+    (sc + 2 * grad).backward()
+    (sc_ref + 2 * grad_ref).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
