@@ -12,14 +12,16 @@ $(BIN)/python:
 
 # The demo needs only the package (a minute less to install on a fresh machine); tests, benchmarks
 # and lint add the dev, Hugging Face and S3 extras — in one pip call, which also satisfies the demo.
+# --no-compile: pip would byte-compile every file of torch, ray and the CUDA wheels (~1 min here);
+# Python compiles the modules actually imported, once, on first use.
 $(CORE): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-compile -e .
 	touch $(CORE)
 
 $(DEV): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,hf,s3]'
+	$(BIN)/pip install -q --no-compile -e '.[dev,hf,s3]'
 	touch $(CORE) $(DEV)
 
 demo: $(CORE)
