@@ -270,9 +270,13 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
             err.print(f"[yellow]· {stage}: not available in this version — skipped[/]")
             continue
         if stage == "evaluate":
-            # Every teacher and the trained student, on every configured dataset.
+            # Every teacher, the student's starting weights (a checkpoint file: the student at step 0, at the
+            # student's own input size — what distillation changed) and the trained student, on every dataset.
             for teacher in cfg.teachers:
                 _guarded(lambda: _run_stage(stage, cfg, teacher=teacher))
+            start = cfg.train.init_from
+            if start and start.endswith((".pt", ".pth", ".ckpt")):
+                _guarded(lambda: _run_stage(stage, cfg, checkpoint=start, name=f"start-{cfg.train.name}"))
             ckpt = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/model.pt"
             _guarded(lambda: _run_stage(stage, cfg, checkpoint=ckpt, name=f"student-{cfg.train.name}"))
         else:

@@ -154,6 +154,10 @@ def verdicts(by_dataset: dict[str, list[list]], cfg: DadConfig) -> str:
                        else f"<b>mixed</b> (better in {better[0]} only) against")
             said.append(f"{verdict} the teacher it started from, <i>{html.escape(start)}</i> "
                         f"({ta:.3f}, {td:.3f}; ΔAbsRel {a - ta:+.3f}, Δδ1 {d - td:+.3f})")
+        if f"start-{cfg.train.name}" in m:
+            sa, sd = m[f"start-{cfg.train.name}"]
+            said.append(f"its own starting weights at the student's input size scored {sa:.3f}, {sd:.3f} "
+                        f"(distillation: ΔAbsRel {a - sa:+.3f}, Δδ1 {d - sd:+.3f})")
         if teachers:
             beaten = sorted(t for t, (ta, _) in teachers.items() if a < ta)
             said.append(f"lower AbsRel than {len(beaten)} of {len(teachers)} teachers")

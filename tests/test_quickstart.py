@@ -67,16 +67,17 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch):
     train = root / "train" / "student"
     assert {"ckpt-0000002.pt", "ckpt-0000004.pt", "model.pt", "metrics.jsonl"} <= {p.name for p in train.iterdir()}
     assert len((train / "metrics.jsonl").read_text().splitlines()) == 4
-    for name in ("teacher-layout", "teacher-detail", "student-student"):
+    for name in ("teacher-layout", "teacher-detail", "start-student", "student-student"):
         metrics = json.loads((root / "eval" / name / "metrics.json").read_text())
         assert any(m.get("n") == 3 for m in metrics["datasets"].values()), name
     page = (root / "report" / "index.html").read_text()
     for needle in ("teacher-layout", "student-student", "small models trained on rendered scenes", "baseline",
                    "Latest run of each command", "the teacher it started from, <i>layout</i>",
+                   "its own starting weights at the student's input size",
                    "Held-out samples: teachers and student against ground truth"):
         assert needle in page, needle
     runs = sorted(p.name for p in (root / "ledger" / "_runs").iterdir())
-    assert runs == ["eval-student-student.json", "eval-teacher-detail.json", "eval-teacher-layout.json",
+    assert runs == ["eval-start-student.json", "eval-student-student.json", "eval-teacher-detail.json", "eval-teacher-layout.json",
                     "report.json", "score.json", "shard.json", "teach.json", "train-student.json"]
 
 
@@ -85,12 +86,15 @@ def test_report_verdict_says_plainly_whether_the_student_beat_its_start():
 
     cfg = load_config(QUICKSTART)
     rows = {"scenes": [["student-student", 10, 0.40, 0.60, 1.0], ["teacher-layout", 10, 0.45, 0.55, 1.0],
+                       ["start-student", 10, 0.52, 0.48, 1.0],
                        ["teacher-detail", 10, 0.38, 0.50, 1.0], ["baseline: vertical_ramp", 10, 0.50, 0.5, 1.0]],
             "real": [["student-student", 5, 0.30, 0.50, 1.0], ["teacher-layout", 5, 0.28, 0.55, 1.0]]}
     text = verdicts(rows, cfg)
     assert "<b>better</b> than the teacher it started from, <i>layout</i>" in text
     assert "ΔAbsRel -0.050" in text and "lower AbsRel than 1 of 2 teachers" in text
     assert "below the vertical ramp's AbsRel (0.500)" in text
+    assert "scored 0.520, 0.480 (distillation: ΔAbsRel -0.120, Δδ1 +0.120)" in text
+    assert text.count("its own starting weights") == 1  # only where that evaluation exists
     assert "<b>not better</b> than the teacher it started from" in text  # the `real` line: worse in both
 
 
