@@ -12,16 +12,16 @@ $(BIN)/python:
 
 # The demo needs only the package (a minute less to install on a fresh machine); tests, benchmarks
 # and lint add the dev, Hugging Face and S3 extras — in one pip call, which also satisfies the demo.
-# --no-compile: pip would byte-compile every file of torch, ray and the CUDA wheels (~1 min here);
-# Python compiles the modules actually imported, once, on first use.
+# pip's byte-compiling stays on (~1 min): with --no-compile and PYTHONDONTWRITEBYTECODE set (as on this
+# machine) every Ray worker recompiles torch on import, and the demo ran 2 min slower.
 $(CORE): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -e .
+	$(BIN)/pip install -q -e .
 	touch $(CORE)
 
 $(DEV): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile -e '.[dev,hf,s3]'
+	$(BIN)/pip install -q -e '.[dev,hf,s3]'
 	touch $(CORE) $(DEV)
 
 demo: $(CORE)
