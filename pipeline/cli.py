@@ -274,8 +274,10 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
             # student's own input size — what distillation changed) and the trained student, on every dataset.
             for teacher in cfg.teachers:
                 _guarded(lambda: _run_stage(stage, cfg, teacher=teacher))
+            from stages.train import is_checkpoint_file
+
             start = cfg.train.init_from
-            if start and start.endswith((".pt", ".pth", ".ckpt")):
+            if start and is_checkpoint_file(start):
                 _guarded(lambda: _run_stage(stage, cfg, checkpoint=start, name=f"start-{cfg.train.name}"))
             ckpt = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/model.pt"
             _guarded(lambda: _run_stage(stage, cfg, checkpoint=ckpt, name=f"student-{cfg.train.name}"))

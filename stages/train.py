@@ -127,7 +127,7 @@ def build_model(cfg: DadConfig):
     src = cfg.train.init_from
     if not src:
         return build_student(cfg.student.size, encoder_weights=cfg.student.encoder_weights)
-    if _is_checkpoint_file(src):
+    if is_checkpoint_file(src):
         model, _ = load_checkpoint(src)
     else:
         from student.convert import student_from_depth_anything
@@ -137,7 +137,8 @@ def build_model(cfg: DadConfig):
     return model
 
 
-def _is_checkpoint_file(src: str) -> bool:
+def is_checkpoint_file(src: str) -> bool:
+    """A student checkpoint file (else `src` is a Depth Anything model directory)."""
     return src.endswith((".pt", ".pth", ".ckpt"))
 
 
@@ -166,7 +167,7 @@ def _source_config(src: str):
 
     from student.checkpoint import CheckpointError, config_from_dict
 
-    if _is_checkpoint_file(src):
+    if is_checkpoint_file(src):
         try:
             with fsspec.open(src, "rb") as f:
                 payload = torch.load(f, map_location="meta", weights_only=True)
