@@ -85,18 +85,18 @@ def losses(pred: torch.Tensor, batch: dict, cfg: StepConfig, feats=None, frozen_
     total = pred.new_zeros(())
     # L_grad lives on the shared-context pair (PAPER §3.4 [choice]): a local-global-only run
     # (use_sc = false) must not get shared-context supervision through it
-    with_grad = bool(cfg.lambda_grad and cfg.use_sc)
-    if with_grad:
-        grad_norm = "global" if cfg.norm == "none" else cfg.norm
-        terms["sc"], terms["grad"] = shared_context_terms(pred, batch["target"], batch["valid"], cfg.norm, grad_norm)
-        total = total + terms["sc"]
-    elif cfg.use_sc:
-        terms["sc"] = shared_context_loss(pred, batch["target"], batch["valid"], cfg.norm)
+    if cfg.use_sc:
+        if cfg.lambda_grad:  # one normalisation serves both terms
+            grad_norm = "global" if cfg.norm == "none" else cfg.norm
+            terms["sc"], terms["grad"] = shared_context_terms(pred, batch["target"], batch["valid"], cfg.norm,
+                                                              grad_norm)
+        else:
+            terms["sc"] = shared_context_loss(pred, batch["target"], batch["valid"], cfg.norm)
         total = total + terms["sc"]
     if cfg.use_lg:
         terms["lg"] = local_global_loss(pred, batch["locals"], batch["boxes"], batch["local_valid"], cfg.norm)
         total = total + cfg.lambda_lg * terms["lg"]
-    if with_grad:
+    if "grad" in terms:
         total = total + cfg.lambda_grad * terms["grad"]
     if cfg.feature_loss and feats is not None and frozen_feats is not None:
         terms["feat"] = feature_loss(feats, frozen_feats)
