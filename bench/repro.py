@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "configs" / "quickstart.toml"
+QUICKSTART = REPO / "configs" / "renders.toml"
 RESULTS_DIR = REPO / "bench" / "results"
 REALEVAL = (REPO / ".." / "shared" / "data" / "realeval").resolve()
 ZOO_ENV = "DAD_REPRO_ZOO"

@@ -42,6 +42,10 @@ class RunCfg(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (default: all)")
     executor: Literal["auto", "ray", "inline"] = Field(
         "auto", description="inline runs tasks in this process (used automatically for memory:// roots)")
+    model_mirror: list[str] = Field(default_factory=list, description="folders searched first for model files "
+                                                                      "pinned by sha256 (also $DAD_MODEL_MIRROR)")
+    model_cache: str | None = Field(None, description="download cache for model files (default "
+                                                      "$DAD_MODEL_CACHE or ~/.cache/dad/models)")
 
     @model_validator(mode="after")
     def _executor(self) -> "RunCfg":
@@ -86,8 +90,19 @@ OutputSpace = Literal["disparity", "depth", "metric_depth", "affine_depth"]
 
 class TeacherCfg(Section):
     adapter: str = Field(description="hf | checkpoint | a plugin from the dad.teachers entry-point group")
-    model: str = Field(description="hub id, local directory, or checkpoint URL")
+    model: str = Field(description="hub id, local directory, or a model file's path or URL")
     revision: str | None = Field(None, description="hub revision (commit sha) to pin")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="digest of a model file (required for a URL; checked on every load)")
+    output_index: int = Field(0, ge=0, description="which output of a multi-output model is the depth map")
+    input_mean: list[float] | None = Field(None, min_length=3, max_length=3,
+                                           description="per-channel mean subtracted from RGB in [0, 1]")
+    input_std: list[float] | None = Field(None, min_length=3, max_length=3,
+                                          description="per-channel std dividing RGB in [0, 1]")
+    resize: Literal["stretch", "letterbox"] = Field(
+        "stretch", description="fixed-size models: stretch the image to the model's input, or pad it (letterbox)")
+    flip_average: bool = Field(False, description="average the prediction with the flipped prediction of the "
+                                                  "flipped image (a two-pass ensemble: better labels, 2× cost)")
     output_space: OutputSpace = "disparity"
     affine_depth: Literal["refuse", "invert"] = Field(
         "refuse", description="how to treat affine-invariant depth: refuse, or invert as if it were depth")
@@ -129,8 +144,21 @@ class ScoreCfg(Section):
 
 
 class StudentCfg(Section):
+    arch: Literal["vit", "tflite"] = Field("vit", description="vit: DINOv2 encoder + DPT head (student.size); "
+                                                              "tflite: the graph of a TFLite model, weights imported")
     size: Literal["tiny", "small", "base", "large"] = "tiny"
     encoder_weights: str | None = Field(None, description="local timm/DINOv2 encoder weights file")
+    init_from: str | None = Field(None, description="arch = tflite: the model whose graph and weights the student "
+                                                    "starts from, 'teacher:<name>' or a .tflite path")
+
+    @model_validator(mode="after")
+    def _arch(self) -> "StudentCfg":
+        if self.arch == "tflite" and not self.init_from:
+            raise ValueError("student.arch = 'tflite' needs student.init_from ('teacher:<name>' or a .tflite file): "
+                             "the student's structure comes from that model")
+        if self.arch == "vit" and self.init_from:
+            raise ValueError("student.init_from is for arch = 'tflite'; a ViT student starts from train.init_from")
+        return self
 
 
 class TrainCfg(Section):
@@ -228,6 +256,19 @@ class DadConfig(Section):
             folder_name(name, "teacher name")
         return v
 
+    @model_validator(mode="after")
+    def _student_teacher(self) -> "DadConfig":
+        ref = self.student.init_from or ""
+        if ref.startswith("teacher:"):
+            name = ref.removeprefix("teacher:")
+            if name not in self.teachers:
+                raise ValueError(f"student.init_from = {ref!r}: no teacher {name!r} is configured "
+                                 f"(teachers: {', '.join(self.teachers) or 'none'})")
+            if self.teachers[name].adapter != "tflite":
+                raise ValueError(f"student.init_from = {ref!r}: teacher {name!r} uses adapter "
+                                 f"{self.teachers[name].adapter!r}; a tflite student starts from a tflite teacher")
+        return self
+
     def section_fingerprint(self, *keys: str) -> str:
         """Stable hash of the named sections (dotted keys allowed, e.g. 'run.seed')."""
         dump = self.model_dump(mode="json")
@@ -307,7 +348,11 @@ def load_config(path: str | Path | None = None, root: str | None = None,
     if root:
         raw.setdefault("run", {})["root"] = root
     apply_overrides(raw, overrides or [])
-    return validate(raw, source)
+    cfg = validate(raw, source)
+    from pipeline.models import use_run_settings
+
+    use_run_settings(cfg.run.model_mirror, cfg.run.model_cache)
+    return cfg
 
 
 INLINE_TABLES = {"resources", "resources_per_worker"}
@@ -365,8 +410,12 @@ def with_absolute_paths(cfg: DadConfig) -> DadConfig:
 
     data = cfg.model_dump()
     data["run"]["root"] = local(cfg.run.root, must_exist=False)
+    data["run"]["model_mirror"] = [local(m, must_exist=False) for m in cfg.run.model_mirror]
+    data["run"]["model_cache"] = local(cfg.run.model_cache, must_exist=False)
     data["train"]["init_from"] = local(cfg.train.init_from, must_exist=True)
     data["student"]["encoder_weights"] = local(cfg.student.encoder_weights, must_exist=True)
+    if cfg.student.init_from and not cfg.student.init_from.startswith("teacher:"):
+        data["student"]["init_from"] = local(cfg.student.init_from, must_exist=True)
     if cfg.train.val_dataset:
         kind, _, path = cfg.train.val_dataset.partition(":")
         data["train"]["val_dataset"] = f"{kind}:{local(path, must_exist=True)}"

@@ -63,6 +63,11 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
     if address:
         kwargs["address"] = address
         kwargs.pop("include_dashboard")
+        from pipeline.models import CACHE_ENV, MIRROR_ENV
+
+        env = {k: os.environ[k] for k in (MIRROR_ENV, CACHE_ENV) if k in os.environ}
+        if env:  # a local cluster inherits them; a remote one's workers get them here
+            kwargs["runtime_env"] = {"env_vars": env}
     else:
         if run.num_cpus:
             kwargs["num_cpus"] = run.num_cpus

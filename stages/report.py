@@ -128,11 +128,28 @@ def init_teacher(cfg: DadConfig) -> str | None:
     """The teacher whose weights the student started from (train.init_from is that teacher's model)."""
     import os
 
+    if (cfg.student.init_from or "").startswith("teacher:"):
+        return cfg.student.init_from.removeprefix("teacher:")
     src = cfg.train.init_from
     for name, t in cfg.teachers.items():
         if src and (src == t.model or os.path.abspath(src) == os.path.abspath(t.model)):
             return name
     return None
+
+
+def licence_note(root: Root, cfg: DadConfig) -> str:
+    """The licences of the labels the student learned from: the student inherits their terms."""
+    if not root.exists("train", cfg.train.name, "summary.json"):
+        return ""
+    summary = root.read_json("train", cfg.train.name, "summary.json")
+    rows = [[n, t["license"], f"{100 * t['label_share']:.0f} %", t["weights"]]
+            for n, t in summary.get("teachers", {}).items()]
+    if not rows:
+        return ""
+    terms = ", ".join(summary.get("label_licenses", [])) or "none"
+    return ("<h2>Licences of the labels</h2><p>The student was trained on labels under: <b>"
+            f"{html.escape(terms)}</b>. Its weights carry those terms (a student of a research-only teacher is "
+            "research-only).</p>" + _table(["teacher", "licence", "share of labels", "weights"], rows))
 
 
 def verdicts(by_dataset: dict[str, list[list]], cfg: DadConfig) -> str:
@@ -289,6 +306,7 @@ def run(cfg: DadConfig, **_: object) -> dict:
     root = Root(cfg.run.root)
     body = [f"<h1>dad run report</h1><p class=muted>{html.escape(cfg.run.root)} — {time.strftime('%Y-%m-%d %H:%M')}</p>",
             f'<p class="note">{NOTE_ZOO}</p>' if any(t.adapter == "checkpoint" for t in cfg.teachers.values()) else "",
+            licence_note(root, cfg),
             stage_section(root), eval_section(root, cfg), heldout_grid(root, cfg), picture_grid(root, cfg), train_section(root), score_section(root)]
     for extra in root.listdir("report", "pages"):
         body.append(root.read_bytes("report", "pages", extra).decode())

@@ -302,7 +302,23 @@ def worker_loop(config: dict) -> None:
     if rank == 0:
         root.write_json({"steps": step, "steps_per_epoch": plan.steps(0), "world": world, "resumed_from": start,
                          "rank_steps": [r["steps"] for r in ranks], "ranks": ranks,
-                         "seconds": round(time.time() - t0, 2)}, "train", t.name, "summary.json")
+                         "seconds": round(time.time() - t0, 2), **label_provenance(cfg, selection)},
+                        "train", t.name, "summary.json")
+
+
+def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
+    """Whose labels the student learned from, with their licences: a student inherits the terms of the
+    labels it was trained on, so the model card, summary.json and the report carry them."""
+    from stages.teachers import spec_for
+
+    share = np.mean(np.stack(list(selection.values())), axis=0) if selection else np.zeros(len(cfg.teachers))
+    teachers = {}
+    for (n, tcfg), p in zip(cfg.teachers.items(), share):
+        spec = spec_for(n, tcfg)
+        teachers[n] = {"license": tcfg.license, "model": spec.model, "weights": spec.weights_id,
+                       "fingerprint": spec.fingerprint, "label_share": round(float(p), 4)}
+    return {"teachers": teachers, "corpus": list(cfg.corpus.sources),
+            "label_licenses": sorted({t["license"] for t in teachers.values() if t["label_share"] > 0})}
 
 
 def _prune_checkpoints(root: Root, name: str) -> None:

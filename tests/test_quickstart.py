@@ -21,7 +21,7 @@ from pipeline.cli import app
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "configs" / "quickstart.toml"
+QUICKSTART = REPO / "configs" / "renders.toml"
 ZOO = REPO / "zoo"
 
 pytestmark = pytest.mark.skipif(not (ZOO / "layout.pt").exists(), reason="zoo checkpoints not built")
