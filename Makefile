@@ -10,13 +10,14 @@ DEV := $(VENV)/.installed-dev
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# The demo needs only the package (a minute less to install on a fresh machine); tests, benchmarks
-# and lint add the dev, Hugging Face and S3 extras — in one pip call, which also satisfies the demo.
+# The demo needs the package and LiteRT for its TFLite teachers (a minute less to install on a fresh machine);
+# tests, benchmarks and lint add the dev, Hugging Face and S3 extras — in one pip call, which also satisfies
+# the demo.
 # pip's byte-compiling stays on (~1 min): with --no-compile and PYTHONDONTWRITEBYTECODE set (as on this
 # machine) every Ray worker recompiles torch on import, and the demo ran 2 min slower.
 $(CORE): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[tflite]'
 	touch $(CORE)
 
 $(DEV): $(BIN)/python pyproject.toml

@@ -236,6 +236,22 @@ def predict(inputs: Annotated[list[str], typer.Argument(help="images, folders, g
 
 
 @app.command()
+def export(checkpoint: Annotated[str, typer.Option("--checkpoint", help="student checkpoint or train/<name> folder")],
+           out_dir: Annotated[str | None, typer.Option(
+               "--out", help="output folder (default: <run root>/export/<name> with -c, else export/<name>)")] = None,
+           fmt: Annotated[str, typer.Option("--format", help="onnx | hf (a transformers Depth Anything folder)")] = "onnx",
+           config: Annotated[Path | None, typer.Option("-c", "--config", help="run config (adds eval metrics)")] = None,
+           opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default 17)")] = None,
+           root: RootOpt = None, set_: SetOpt = None):
+    """Export a student as ONNX (or a transformers folder) with a model card: contract, teachers' licences, metrics."""
+    _setup_logging()
+    cfg = _guarded(lambda: _load(config, root, set_)) if config else None
+    from stages import export as export_stage
+
+    _guarded(lambda: _summary(export_stage.run(checkpoint, out_dir, fmt=fmt, cfg=cfg, opset=opset)))
+
+
+@app.command()
 def report(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
     """Build report/index.html for a run root: stages, metrics, pictures, curves, scores."""
     cfg = _guarded(lambda: _load(config, root, set_))
@@ -277,6 +293,8 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
             from stages.train import is_checkpoint_file
 
             start = cfg.train.init_from
+            if cfg.student.arch == "tflite" and not start:  # the imported teacher, saved by the train stage
+                start = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/init.pt"
             if start and is_checkpoint_file(start):
                 _guarded(lambda: _run_stage(stage, cfg, checkpoint=start, name=f"start-{cfg.train.name}"))
             ckpt = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/model.pt"

@@ -150,12 +150,18 @@ class StudentCfg(Section):
     encoder_weights: str | None = Field(None, description="local timm/DINOv2 encoder weights file")
     init_from: str | None = Field(None, description="arch = tflite: the model whose graph and weights the student "
                                                     "starts from, 'teacher:<name>' or a .tflite path")
+    input_size: list[int] | None = Field(None, min_length=2, max_length=2,
+                                         description="arch = tflite: every input is resized (stretched) to this "
+                                                     "[height, width], as fixed-size mobile models expect; default: "
+                                                     "the nearest multiples of the graph's stride")
 
     @model_validator(mode="after")
     def _arch(self) -> "StudentCfg":
         if self.arch == "tflite" and not self.init_from:
             raise ValueError("student.arch = 'tflite' needs student.init_from ('teacher:<name>' or a .tflite file): "
                              "the student's structure comes from that model")
+        if self.arch == "vit" and self.input_size:
+            raise ValueError("student.input_size is for arch = 'tflite' (a ViT student takes any multiple of 14)")
         if self.arch == "vit" and self.init_from:
             raise ValueError("student.init_from is for arch = 'tflite'; a ViT student starts from train.init_from")
         return self
@@ -258,6 +264,9 @@ class DadConfig(Section):
 
     @model_validator(mode="after")
     def _student_teacher(self) -> "DadConfig":
+        if self.student.arch == "tflite" and self.train.feature_loss:
+            raise ValueError("train.feature_loss aligns ViT encoder tokens; a student.arch = 'tflite' student has "
+                             "no such encoder: set train.feature_loss = false")
         ref = self.student.init_from or ""
         if ref.startswith("teacher:"):
             name = ref.removeprefix("teacher:")

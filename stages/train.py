@@ -68,7 +68,11 @@ def train_fingerprint(cfg: DadConfig) -> str:
     sel = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
     # train.seed unset leaves the fingerprint exactly as before the key existed (existing runs resume)
     skip = RESUME_FREE | ({"seed"} if cfg.train.seed is None else set())
-    return fingerprint({"train": cfg.train.model_dump(exclude=skip), "student": cfg.student.model_dump(),
+    # a ViT student's fingerprint is what it was before graph students existed (existing runs resume)
+    student = cfg.student.model_dump(exclude={"arch", "init_from"} if cfg.student.arch == "vit" else None)
+    if cfg.student.arch == "tflite":
+        student["init_from"] = graph_source(cfg)[0]  # the weights' identity, not where they were read
+    return fingerprint({"train": cfg.train.model_dump(exclude=skip), "student": student,
                         "selection": sel, "seed": train_seed(cfg), "workers": cfg.train.workers})
 
 
@@ -120,11 +124,36 @@ def verify_targets(root: Root, cfg: DadConfig, shards: list[int]) -> None:
              time.time() - t0)
 
 
+def graph_source(cfg: DadConfig) -> tuple[str, str, dict]:
+    """A tflite student's starting model: (sha256, local path, GraphStudent options). `teacher:<name>` takes
+    that teacher's file (URL + sha256 + mirror), output and input normalization."""
+    from pipeline.models import digest, resolve
+
+    ref = cfg.student.init_from
+    if ref.startswith("teacher:"):
+        name = ref.removeprefix("teacher:")
+        tcfg = cfg.teachers[name]
+        path = resolve(tcfg.model, tcfg.sha256, what=f"student.init_from ({ref})")
+        space = "depth" if tcfg.output_space in ("depth", "metric_depth", "affine_depth") else "disparity"
+        options = {"output_index": tcfg.output_index, "output_space": space, "mean": tcfg.input_mean,
+                   "std": tcfg.input_std}
+    else:
+        path, options = resolve(ref, what="student.init_from"), {}
+    return digest(path), path, options
+
+
 def build_model(cfg: DadConfig):
     from student.checkpoint import load_checkpoint
     from student.model import build_student
 
     src = cfg.train.init_from
+    if cfg.student.arch == "tflite" and not src:
+        from student.graph import graph_student_from_tflite
+
+        _, path, options = graph_source(cfg)
+        model = graph_student_from_tflite(path, input_size=cfg.student.input_size, **options)
+        log.info("student: %s, weights imported from %s", model.config.encoder, path)
+        return model
     if not src:
         return build_student(cfg.student.size, encoder_weights=cfg.student.encoder_weights)
     if is_checkpoint_file(src):
@@ -177,6 +206,10 @@ def _source_config(src: str):
             raise CheckpointError(f"{src} is not a readable student checkpoint: {err}") from None
         if not isinstance(payload, dict) or payload.get("format") != "dad.student":
             raise CheckpointError(f"{src} is not a student checkpoint (dad.student format)")
+        if payload["model_config"].get("arch") == "tflite":
+            from student.graph import GraphConfig
+
+            return GraphConfig.from_dict(payload["model_config"])
         return config_from_dict(payload["model_config"])
     from student.convert import student_config_from_hf
 
@@ -188,6 +221,12 @@ def check_compatible(cfg: DadConfig, src: str, what: str, advice: str = "") -> N
     """Refuse, before any worker starts, a checkpoint whose weights do not fit the configured student."""
     from student.model import PRESETS, StudentConfig
 
+    if cfg.student.arch == "tflite":
+        found = _source_config(src)
+        if getattr(found, "arch", None) != "tflite" or found.source != graph_source(cfg)[0]:
+            raise ValueError(f"{what} {src} is not a graph student imported from {cfg.student.init_from} "
+                             f"(student.arch = 'tflite'){advice}")
+        return
     found = architecture(_source_config(src))
     if found != architecture(StudentConfig(**PRESETS[cfg.student.size])):
         same = [k for k, p in PRESETS.items() if architecture(StudentConfig(**p)) == found]
@@ -244,6 +283,9 @@ def worker_loop(config: dict) -> None:
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
         start = int(extra["step"])
+    if rank == 0 and start == 0 and cfg.student.arch == "tflite":
+        # the imported teacher as a student checkpoint: `dad run` evaluates it as the student's step 0
+        save_checkpoint(model, root.uri("train", t.name, "init.pt"))
     logs = {f: _truncated_log(root, t.name, f, start) for f in LOGS} if rank == 0 else {}
     history, val_history = logs.get("metrics.jsonl", []), logs.get("val.jsonl", [])
     validate = _validator(cfg, device) if rank == 0 and t.val_dataset else None

@@ -6,7 +6,8 @@ can run code must never be the way weights arrive, so loading uses the weights-o
 a crafted file raises instead of executing. The dict is self-describing:
 
     {"format": "dad.student", "version": 1,
-     "model_config": StudentConfig as a dict of plain values (enough to rebuild the model),
+     "model_config": the model's config as a dict of plain values (enough to rebuild the model):
+                     a StudentConfig, or with "arch": "tflite" a GraphConfig (student/graph.py),
      "state_dict": parameters and persistent buffers (float16 with half=True),
      "extra": anything weights-only-loadable the caller adds (optimizer state, step, metrics)}
 
@@ -27,6 +28,7 @@ import tempfile
 import fsspec
 import torch
 
+from .graph import GraphConfig, GraphStudent
 from .model import StudentConfig, StudentModel
 
 FORMAT, VERSION = "dad.student", 1
@@ -36,7 +38,7 @@ class CheckpointError(ValueError):
     """The file is not a student checkpoint this code can rebuild."""
 
 
-def save_checkpoint(model: StudentModel, target, extra: dict | None = None, half: bool = False) -> None:
+def save_checkpoint(model: StudentModel | GraphStudent, target, extra: dict | None = None, half: bool = False) -> None:
     """Write `model` (+ `extra`) to a path/URL or a binary file object."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
@@ -54,7 +56,7 @@ def save_checkpoint(model: StudentModel, target, extra: dict | None = None, half
             f.write(data)
 
 
-def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel, dict | None]:
+def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel | GraphStudent, dict | None]:
     """Rebuild the model from a checkpoint path/URL or binary file object; returns (model, extra)."""
     try:
         if hasattr(source, "read"):
@@ -76,8 +78,8 @@ def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel, dict | No
         raise CheckpointError(f"checkpoint version {payload.get('version')!r}; this code reads {VERSION}")
     config = config_from_dict(payload["model_config"])
     try:
-        model = StudentModel(config)
-    except (RuntimeError, ValueError, TypeError) as e:
+        model = model_from_config(config)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"cannot build a student from model_config {config}: {e}") from e
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
@@ -88,8 +90,23 @@ def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel, dict | No
     return model, payload.get("extra")
 
 
-def config_from_dict(config: dict) -> StudentConfig:
-    """StudentConfig from its dict form; unknown fields mean a newer/other format and are an error."""
+def model_from_config(config: StudentConfig | GraphConfig) -> StudentModel | GraphStudent:
+    """The (randomly initialised) model a config describes."""
+    return GraphStudent(config) if isinstance(config, GraphConfig) else StudentModel(config)
+
+
+def config_from_dict(config: dict) -> StudentConfig | GraphConfig:
+    """The config from its dict form: a GraphConfig when `arch` is "tflite", else a StudentConfig.
+
+    Unknown fields or architectures mean a newer/other format and are an error.
+    """
+    if "arch" in config:
+        if config["arch"] != "tflite":
+            raise CheckpointError(f"model_config has an architecture this code does not know: {config['arch']!r}")
+        try:
+            return GraphConfig.from_dict(config)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     known = {f.name for f in dataclasses.fields(StudentConfig)}
     unknown = sorted(set(config) - known)
     if unknown:
