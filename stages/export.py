@@ -50,6 +50,9 @@ def export_onnx(model, path: str, opset: int = OPSET) -> dict:
     except ImportError:
         raise ValueError("exporting ONNX needs onnx and onnxruntime: pip install 'dad-pipeline[onnx]'") from None
     model = model.float().cpu().eval()
+    if getattr(model.config, "arch", None) == "tflite" and not model.config.input_size:
+        raise ValueError("a graph student exports to ONNX only with a fixed input size (its inner sizes are traced "
+                         "as constants): train it with student.input_size = [H, W], as the quickstart does")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".onnx")

@@ -424,7 +424,7 @@ class Conv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = (0, 0)
         if self.same:
-            (t, b), (left, right) = (_same_pad(x.shape[2 + a], self.kernel_size[a], self.stride[a], self.dilation[a])
+            (t, b), (left, right) = (_same_pad(int(x.shape[2 + a]), self.kernel_size[a], self.stride[a], self.dilation[a])
                                      for a in (0, 1))
             if t == b and left == right:
                 padding = (t, left)
@@ -483,7 +483,7 @@ class Resize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for axis, scale in ((2, self.scale[0]), (3, self.scale[1])):
-            n_in = x.shape[axis]
+            n_in = int(x.shape[axis])  # a Python int even while tracing: sizes inside the graph are static
             n_out = max(1, round(n_in * scale))
             if n_out == n_in:
                 continue
@@ -652,6 +652,7 @@ class GraphStudent(nn.Module):
         """The size the graph runs at: the native one, else the nearest sides that are multiples."""
         if self.config.input_size:
             return tuple(self.config.input_size)
+        h, w = int(h), int(w)  # while tracing for ONNX: the traced size is baked in (export with input_size)
         native = tuple(self.config.graph["input"]["shape"][2:])
         if (h, w) == native:
             return native
@@ -662,8 +663,8 @@ class GraphStudent(nn.Module):
         h, w = x.shape[-2:]
         x = (x - self.mean) / self.std
         size = self.fit_size(h, w)
-        if size != (h, w):  # antialiased when shrinking, as the teacher adapters resize
-            x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=size[0] < h or size[1] < w)
+        if size != (h, w):  # plain bilinear (no antialias): ONNX's Resize runs it exactly, so exports agree
+            x = F.interpolate(x, size, mode="bilinear", align_corners=False)
         out, feats = self.run(x)
         pred = out[:, 0]
         if self.config.output_space == "depth":

@@ -136,7 +136,7 @@ def test_any_size_and_batches(pydnet):
             small = torch.nn.functional.interpolate(native[:, None], (h, w), mode="bilinear")[:, 0]
             corr = np.corrcoef(pred.flatten().numpy(), small.flatten().numpy())[0, 1]
             assert corr > 0.7, (h, w, corr)  # the same scene (squeezed at 256x256): roughly the same map
-        fitted = torch.nn.functional.interpolate(x, (192, 320), mode="bilinear", align_corners=False, antialias=True)
+        fitted = torch.nn.functional.interpolate(x, (192, 320), mode="bilinear", align_corners=False)
         back = torch.nn.functional.interpolate(pydnet(fitted)[:, None], (200, 300), mode="bilinear")[:, 0]
         torch.testing.assert_close(pred, back, rtol=0, atol=0)  # 200x300: run at the nearest multiples of 64
 
@@ -146,7 +146,7 @@ def test_input_size_stretches_every_input_like_a_fixed_size_model():
     plain = graph_student_from_tflite(PYDNET).eval()
     x = _nchw(_images(300, 300)[:1])
     with torch.no_grad():
-        inner = torch.nn.functional.interpolate(x, (256, 448), mode="bilinear", align_corners=False, antialias=True)
+        inner = torch.nn.functional.interpolate(x, (256, 448), mode="bilinear", align_corners=False)
         expect = torch.nn.functional.interpolate(plain(inner)[:, None], (300, 300), mode="bilinear")[:, 0]
         torch.testing.assert_close(stretched(x), expect, rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiples of 64"):
