@@ -86,7 +86,9 @@ def mean_std(values: list[float]) -> dict:
             "runs": values}
 
 
-def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None = None) -> dict[str, dict]:
+def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None = None,
+        arms: list[str] | None = None) -> dict[str, dict]:
+    """Every arm × seed (finished trainings are skipped by the train stage, so a rerun only evaluates)."""
     import stages.evaluate
     import stages.score
     import stages.shard
@@ -106,7 +108,7 @@ def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None 
         stages.evaluate.run(base, teacher=teacher)
         evals[f"teacher-{teacher}"] = scores(root, f"teacher-{teacher}")
     runs: dict[str, list[dict]] = {}
-    for arm in ARMS:
+    for arm in arms or list(ARMS):
         for seed in range(seeds):
             cfg = load_config(raw=raw_config(root, arm, seed, steps, sources))
             stages.score.run(cfg)
@@ -122,6 +124,9 @@ def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None 
                 result[ds]["wins_vs_teacher"] = sum(mine[i] < teacher[i] for i in mine if i in teacher)
                 result[ds]["losses_vs_teacher"] = sum(mine[i] > teacher[i] for i in mine if i in teacher)
             runs.setdefault(arm, []).append({"seed": seed, **result})
+    if set(runs) != set(ARMS):
+        print_tables({"references": evals, "table": {}, "runs": runs, "seeds": seeds})
+        return {}
     datasets = list(evals[f"teacher-{TEACHER}"])
     table = {arm: {ds: {k: mean_std([r[ds][k] for r in rs]) for k in ("abs_rel", "delta1")}
                    for ds in datasets} for arm, rs in runs.items()}
@@ -174,6 +179,7 @@ if __name__ == "__main__":
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--root")
+    p.add_argument("--arms", nargs="*", choices=list(ARMS), help="run only these arms (default: all)")
     a = p.parse_args()
-    out = run(a.quick, a.seeds, a.steps, a.root)
+    out = run(a.quick, a.seeds, a.steps, a.root, a.arms)
     print(json.dumps({k: v["value"] for k, v in out.items()}, indent=2))

@@ -1,5 +1,7 @@
-"""The embedded default end to end, at reduced size: `dad run -c configs/quickstart.toml` with
-overrides that shrink the corpus, crops, steps and evaluation, on the in-process executor.
+"""The demos end to end, at reduced size: `dad run -c configs/renders.toml` (the zoo teachers on rendered
+scenes) and `dad run -c configs/quickstart.toml` (the embedded default: real TFLite teachers on real photos,
+the PyDNet v2 graph student), with overrides that shrink the corpus, crops, steps and evaluation, on the
+in-process executor.
 
 Checks every stage's outputs (manifest, rejects, Zarr caches of both zoo teachers, scores and
 selection, checkpoints and metrics, evaluation of both teachers and the student, the report), and
@@ -22,9 +24,9 @@ from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "renders.toml"
+REAL = REPO / "configs" / "quickstart.toml"
 ZOO = REPO / "zoo"
-
-pytestmark = pytest.mark.skipif(not (ZOO / "layout.pt").exists(), reason="zoo checkpoints not built")
+SHARED = REPO.parent / "shared"
 
 
 def reduced(root: Path) -> list[str]:
@@ -38,6 +40,41 @@ def reduced(root: Path) -> list[str]:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.skipif(not (SHARED / "models").is_dir() or not (SHARED / "data" / "unlabeled").is_dir(),
+                    reason="../shared models and photos not found")
+def test_real_quickstart_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("ai_edge_litert.interpreter")
+    monkeypatch.chdir(REPO)
+    root = tmp_path / "real"
+    sets = [f'run.root="{root}"', 'run.executor="inline"',
+            'corpus.sources=["../shared/data/unlabeled/images/kodak_0000[0-5].jpg"]', "corpus.shard_size=3",
+            "crops.min_region=128", "crops.patch=112", "crops.global_size=126", "crops.local_store=56",
+            "student.input_size=[128, 192]", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=2",
+            "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=3", "eval.resolution=126",
+            'eval.datasets=["realeval:../shared/data/realeval"]', "eval.pictures=1"]
+    result = CliRunner().invoke(app, ["run", "-c", str(REAL), *sum((["--set", x] for x in sets), [])])
+    assert result.exit_code == 0, result.output
+    assert "stages run: shard, teach, score, train, evaluate, report" in result.output
+    import zarr
+
+    for teacher, licence in (("pydnet", "research-only"), ("fastdepth", "MIT")):
+        group = zarr.open_group(str(root / "cache" / teacher), mode="r")
+        assert group["global"].shape[1:] == (126, 126) and group.attrs["license"] == licence
+        assert np.isfinite(group["global"][:]).all()
+    summary = json.loads((root / "train" / "student" / "summary.json").read_text())
+    assert summary["label_licenses"] == ["MIT", "research-only"]
+    for name in ("teacher-pydnet", "teacher-fastdepth", "start-student", "student-student"):
+        metrics = json.loads((root / "eval" / name / "metrics.json").read_text())
+        (ds,) = metrics["datasets"].values()
+        assert ds["n"] == 3 and 0 < ds["abs_rel"] < 1, name
+    page = (root / "report" / "index.html").read_text()
+    for needle in ("teacher-pydnet", "student-student", "Licences of the labels", "research-only",
+                   "the teacher it started from, <i>pydnet</i>"):
+        assert needle in page, needle
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not (ZOO / "layout.pt").exists(), reason="zoo checkpoints not built")
 def test_quickstart_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     root = tmp_path / "qs"
