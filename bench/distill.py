@@ -43,7 +43,7 @@ FASTDEPTH = {"adapter": "tflite", "sha256": "e8957602750f16ac130210868f4403b38b4
              "model": "https://github.com/openmv/openmv/raw/49a017eafd3aebda9b6b827bd2a367ded1592efc/lib/models/"
                       "fast_depth_224.tflite",
              "output_space": "metric_depth", "license": "MIT", "batch_size": 8, "num_cpus": 0.5, "actors": 1}
-DISTILLED_SCORE = {"policy": "best", "metric": "agreement"}
+DISTILLED_SCORE = {"policy": "best", "metric": "combined"}  # the best labels in bench/label_quality.py
 ARMS = {
     "distilled": {"priors": {"pydnet": 0.7, "pydnet_plain": 0.0, "fastdepth": 0.3}, "score": DISTILLED_SCORE,
                   "train": {"norm": "hybrid", "use_lg": True}},
