@@ -50,7 +50,8 @@ def export_onnx(model, path: str, opset: int = OPSET) -> dict:
     except ImportError:
         raise ValueError("exporting ONNX needs onnx and onnxruntime: pip install 'dad-pipeline[onnx]'") from None
     model = model.float().cpu().eval()
-    if getattr(model.config, "arch", None) == "tflite" and not model.config.input_size:
+    config = getattr(model, "config", None)
+    if getattr(config, "arch", None) == "tflite" and not config.input_size:
         raise ValueError("a graph student exports to ONNX only with a fixed input size (its inner sizes are traced "
                          "as constants): train it with student.input_size = [H, W], as the quickstart does")
     directory = os.path.dirname(os.path.abspath(path))
@@ -171,7 +172,8 @@ def model_card(name: str, model, checkpoint: str, files: dict, check: dict | Non
         log.warning("export: the training summary records no teachers/licences (%s): the card says 'unknown' — "
                     "check the licences of the labels this student learned from before publishing it",
                     f"{posixpath.dirname(checkpoint)}/summary.json")
-    licence = most_restrictive(labels) if labels is not None else "unknown"
+    # labels' terms plus, for a student started from a teacher's weights, that teacher's (summary "licenses")
+    licence = most_restrictive(summary.get("licenses", labels)) if labels is not None else "unknown"
     return {
         "format": "dad.model_card", "version": 1, "name": name, "checkpoint": checkpoint, "files": files,
         "architecture": architecture(model), "model_config": model.config.to_dict(),
@@ -184,6 +186,7 @@ def model_card(name: str, model, checkpoint: str, files: dict, check: dict | Non
                                                     "(fit both per image before comparing with depth)"},
         "teachers": teachers if teachers is not None else "unknown",
         "label_licenses": labels if labels is not None else "unknown", "license": licence,
+        "weights_from": summary.get("weights_from"),
         "training": {"corpus": summary.get("corpus", "unknown"), "steps": summary.get("steps", "unknown")},
         "metrics": metrics, "verification": check,
         "teacher_config": teacher_section(name, {**teacher, "output_space": "disparity", "license": licence}),
@@ -224,8 +227,10 @@ def card_markdown(card: dict) -> str:
     else:
         lines.append("Teachers: **unknown** (the training summary does not record them).")
     labels = card["label_licenses"]
+    start = card.get("weights_from")
     lines += ["", (f"Labels learned under: {', '.join(labels) if isinstance(labels, list) else 'unknown'}. "
-                   f"The weights inherit the most restrictive terms: **{card['license']}**."), "", "## Training", "",
+                   + (f"Initial weights: teacher {start['teacher']} ({start['license']}). " if start else "")
+                   + f"The weights inherit the most restrictive terms: **{card['license']}**."), "", "## Training", "",
               f"- data: {json.dumps(card['training']['corpus'])}", f"- steps: {card['training']['steps']}"]
     if card["metrics"]:
         lines += ["", f"## Evaluation (`eval/{card['metrics']['name']}`)", "",

@@ -147,9 +147,12 @@ def licence_note(root: Root, cfg: DadConfig) -> str:
     if not rows:
         return ""
     terms = ", ".join(summary.get("label_licenses", [])) or "none"
+    start = summary.get("weights_from")
+    init = (f" It started from the weights of teacher <i>{html.escape(start['teacher'])}</i> "
+            f"({html.escape(start['license'])})." if start else "")
     return ("<h2>Licences of the labels</h2><p>The student was trained on labels under: <b>"
-            f"{html.escape(terms)}</b>. Its weights carry those terms (a student of a research-only teacher is "
-            "research-only).</p>" + _table(["teacher", "licence", "share of labels", "weights"], rows))
+            f"{html.escape(terms)}</b>.{init} Its weights carry those terms (a student of a research-only "
+            "teacher is research-only).</p>" + _table(["teacher", "licence", "share of labels", "weights"], rows))
 
 
 def verdicts(by_dataset: dict[str, list[list]], cfg: DadConfig) -> str:

@@ -359,8 +359,13 @@ def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
         spec = spec_for(n, tcfg)
         teachers[n] = {"license": tcfg.license, "model": spec.model, "weights": spec.weights_id,
                        "fingerprint": spec.fingerprint, "label_share": round(float(p), 4)}
-    return {"teachers": teachers, "corpus": list(cfg.corpus.sources),
-            "label_licenses": sorted({t["license"] for t in teachers.values() if t["label_share"] > 0})}
+    labels = sorted({t["license"] for t in teachers.values() if t["label_share"] > 0})
+    start = (cfg.student.init_from or "").removeprefix("teacher:")
+    weights_from = {"teacher": start, "license": cfg.teachers[start].license} if start in cfg.teachers else None
+    # the student's weights carry its labels' terms and, when it starts from a teacher, that teacher's
+    return {"teachers": teachers, "corpus": list(cfg.corpus.sources), "label_licenses": labels,
+            "weights_from": weights_from,
+            "licenses": sorted(set(labels) | ({weights_from["license"]} if weights_from else set()))}
 
 
 def _prune_checkpoints(root: Root, name: str) -> None:

@@ -27,17 +27,20 @@ pytest.importorskip("ai_edge_litert.interpreter")
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO.parent / "shared" / "models"
 PHOTOS = sorted((REPO.parent / "shared" / "data" / "unlabeled" / "images").glob("kodak_*.jpg"))[:8]
-PYDNET = MODELS / "pydnet_v2_384x640_fp16.tflite"
+PYDNET, FASTDEPTH = MODELS / "pydnet_v2_384x640_fp16.tflite", MODELS / "fastdepth_nyu_224_int8.tflite"
 pytestmark = [pytest.mark.skipif(not PYDNET.exists() or len(PHOTOS) < 8, reason="models or photos not found"),
               pytest.mark.usefixtures("one_torch_thread")]
 
 
-def raw(root: Path, src: Path, **train) -> dict:
+def raw(root: Path, src: Path, score: dict | None = None, **train) -> dict:
     return {"run": {"root": str(root), "executor": "inline"},
             "corpus": {"sources": [str(src)], "shard_size": 4},
             "crops": {"min_region": 128, "patch": 112, "global_size": 126, "local_store": 56, "local_count": 2},
             "teachers": {"pydnet": {"adapter": "tflite", "model": str(PYDNET), "license": "research-only",
-                                    "torch_threads": 1}},
+                                    "torch_threads": 1, "prior": 0.7},
+                         "fastdepth": {"adapter": "tflite", "model": str(FASTDEPTH), "license": "MIT",
+                                       "output_space": "metric_depth", "torch_threads": 1, "prior": 0.3}},
+            "score": score or {},
             "student": {"arch": "tflite", "init_from": "teacher:pydnet", "input_size": [128, 192]},
             "train": {"steps": 6, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0,
                       "lr_decoder": 2e-4, "jitter": 0.0, "amp": False, "deterministic": True, **train}}
@@ -57,11 +60,14 @@ def taught(tmp_path_factory):
     return folder, src
 
 
-def copy(taught, name: str, **train):
+def copy(taught, name: str, score: dict | None = None, **train):
     folder, src = taught
     dest = folder / name
     shutil.copytree(folder / "root", dest, ignore=shutil.ignore_patterns("train", "locks"))
-    return load_config(raw=raw(dest, src, **train))
+    cfg = load_config(raw=raw(dest, src, score, **train))
+    if score:
+        stages.score.run(cfg)
+    return cfg
 
 
 def test_graph_student_starts_as_the_teacher_and_training_lowers_the_loss(taught):
@@ -89,7 +95,17 @@ def test_graph_student_starts_as_the_teacher_and_training_lowers_the_loss(taught
     before, after = mean_loss(start, batches, cfg), mean_loss(final, batches, cfg)
     assert after < before, (before, after)
     summary = root.read_json("train", "student", "summary.json")
-    assert summary["label_licenses"] == ["research-only"] and summary["teachers"]["pydnet"]["label_share"] == 1.0
+    assert summary["label_licenses"] == ["MIT", "research-only"] and summary["teachers"]["pydnet"]["label_share"] == 0.7
+    assert summary["weights_from"] == {"teacher": "pydnet", "license": "research-only"}
+
+
+def test_excluding_research_only_labels_trains_on_fastdepth_alone(taught):
+    cfg = copy(taught, "mit", score={"exclude_licenses": ["research-only"]}, steps=2)
+    stages.train.run(cfg)
+    summary = Root(cfg.run.root).read_json("train", "student", "summary.json")
+    assert summary["teachers"]["fastdepth"]["label_share"] == 1.0 and summary["teachers"]["pydnet"]["label_share"] == 0
+    assert summary["label_licenses"] == ["MIT"]
+    assert summary["licenses"] == ["MIT", "research-only"]  # the weights still start from PyDNet v2's
 
 
 def test_graph_student_resumes_to_the_uninterrupted_weights(taught, monkeypatch):
@@ -131,5 +147,5 @@ def test_graph_student_exports_and_teaches_through_onnx(taught, tmp_path):
     got = onnx_teacher.predict(x)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
-    assert "research-only" in card
+    assert "research-only" in card and "Initial weights: teacher pydnet (research-only)" in card
     assert np.isfinite(got.numpy()).all()
