@@ -70,6 +70,15 @@ def raw_config(root: str, arm: str, seed: int, steps: int, sources: list[str]) -
                      "align": "inverse_depth", "resolution": 392, "pictures": 2}}
 
 
+def evaluate_once(cfg, checkpoint: str, name: str) -> None:
+    """Evaluate unless eval/<name> already scored this very checkpoint file (a rerun only adds what is new)."""
+    import stages.evaluate
+
+    metrics, ckpt = Path(cfg.run.root) / "eval" / name / "metrics.json", Path(checkpoint)
+    if not metrics.exists() or metrics.stat().st_mtime < ckpt.stat().st_mtime:
+        stages.evaluate.run(cfg, checkpoint=checkpoint, name=name)
+
+
 def per_image(root: str, name: str, dataset: str) -> dict[str, float]:
     text = (Path(root) / "eval" / name / "per_sample.csv").read_text()
     return {r["id"]: float(r["abs_rel"]) for r in csv.DictReader(io.StringIO(text))
@@ -105,7 +114,8 @@ def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None 
     stages.teach.run(base)
     evals = {}
     for teacher in base.teachers:
-        stages.evaluate.run(base, teacher=teacher)
+        if not (Path(root) / "eval" / f"teacher-{teacher}" / "metrics.json").exists():
+            stages.evaluate.run(base, teacher=teacher)
         evals[f"teacher-{teacher}"] = scores(root, f"teacher-{teacher}")
     runs: dict[str, list[dict]] = {}
     for arm in arms or list(ARMS):
@@ -114,9 +124,9 @@ def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None 
             stages.score.run(cfg)
             stages.train.run(cfg)
             name = cfg.train.name
-            stages.evaluate.run(cfg, checkpoint=f"{root}/train/{name}/model.pt", name=name)
+            evaluate_once(cfg, f"{root}/train/{name}/model.pt", name)
             if "start" not in evals:
-                stages.evaluate.run(cfg, checkpoint=f"{root}/train/{name}/init.pt", name="start")
+                evaluate_once(cfg, f"{root}/train/{name}/init.pt", "start")
                 evals["start"] = scores(root, "start")
             result = scores(root, name)
             for ds in result:
