@@ -53,7 +53,8 @@ def test_fetch_once_then_the_cache_is_reused(isolated, monkeypatch):
     second = models.resolve("memory://published/model.tflite", sha)
     assert first == second == str(isolated / "cache" / sha)
     assert opened == ["memory://published/model.tflite"]  # one read of the source, then the cache
-    assert open(first, "rb").read() == data
+    with open(first, "rb") as f:
+        assert f.read() == data
 
 
 def test_digest_mismatch_is_refused_with_both_digests(isolated):

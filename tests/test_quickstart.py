@@ -52,7 +52,7 @@ def test_real_quickstart_end_to_end(tmp_path, monkeypatch):
             "student.input_size=[128, 192]", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=2",
             "train.log_every=1", "train.warmup_steps=1", "eval.max_samples=3", "eval.resolution=126",
             'eval.datasets=["realeval:../shared/data/realeval"]', "eval.pictures=1"]
-    result = CliRunner().invoke(app, ["run", "-c", str(REAL), *sum((["--set", x] for x in sets), [])])
+    result = CliRunner().invoke(app, ["run", "-c", str(REAL), *[a for x in sets for a in ("--set", x)]])
     assert result.exit_code == 0, result.output
     assert "stages run: shard, teach, score, train, evaluate, report" in result.output
     import zarr

@@ -76,8 +76,8 @@ def test_graph_student_starts_as_the_teacher_and_training_lowers_the_loss(taught
     sys.path.insert(0, str(Path(__file__).parent))
     from train_fixtures import batches_of, mean_loss
 
-    from student.checkpoint import load_checkpoint
     from stages.teachers import build_teacher
+    from student.checkpoint import load_checkpoint
 
     cfg = copy(taught, "lower", steps=8)
     stages.train.run(cfg)
