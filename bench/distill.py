@@ -50,11 +50,18 @@ ARMS = {
     "control": {"priors": {"pydnet": 0.0, "pydnet_plain": 1.0, "fastdepth": 0.0}, "score": {"policy": "paper"},
                 "train": {"norm": "global", "use_lg": False}},
 }
+# One seed each, to say which part of the method moves the result: the distilled arm without the
+# local-global term, and the flip-averaged labels alone (global normalisation, no local-global, no assistant).
+ABLATIONS = {
+    "sc-only": {**ARMS["distilled"], "train": {"norm": "hybrid", "use_lg": False}},
+    "flip-labels": {"priors": {"pydnet": 1.0, "pydnet_plain": 0.0, "fastdepth": 0.0}, "score": {"policy": "paper"},
+                    "train": {"norm": "global", "use_lg": False}},
+}
 TEACHER = "pydnet_plain"  # the model to beat: one pass of PyDNet v2, as its README measures it
 
 
 def raw_config(root: str, arm: str, seed: int, steps: int, sources: list[str]) -> dict:
-    a = ARMS[arm]
+    a = {**ARMS, **ABLATIONS}[arm]
     teachers = {"pydnet": {**PYDNET, "flip_average": True}, "pydnet_plain": dict(PYDNET), "fastdepth": dict(FASTDEPTH)}
     for name, prior in a["priors"].items():
         teachers[name]["prior"] = prior
@@ -118,29 +125,30 @@ def run(quick: bool = False, seeds: int = 3, steps: int = 300, root: str | None 
             stages.evaluate.run(base, teacher=teacher)
         evals[f"teacher-{teacher}"] = scores(root, f"teacher-{teacher}")
     runs: dict[str, list[dict]] = {}
-    for arm in arms or list(ARMS):
-        for seed in range(seeds):
-            cfg = load_config(raw=raw_config(root, arm, seed, steps, sources))
-            stages.score.run(cfg)
-            stages.train.run(cfg)
-            name = cfg.train.name
-            evaluate_once(cfg, f"{root}/train/{name}/model.pt", name)
-            if "start" not in evals:
-                evaluate_once(cfg, f"{root}/train/{name}/init.pt", "start")
-                evals["start"] = scores(root, "start")
-            result = scores(root, name)
-            for ds in result:
-                teacher, mine = per_image(root, f"teacher-{TEACHER}", ds), per_image(root, name, ds)
-                result[ds]["wins_vs_teacher"] = sum(mine[i] < teacher[i] for i in mine if i in teacher)
-                result[ds]["losses_vs_teacher"] = sum(mine[i] > teacher[i] for i in mine if i in teacher)
-            runs.setdefault(arm, []).append({"seed": seed, **result})
-    if set(runs) != set(ARMS):
+    plan = [(arm, seed) for arm in arms or list(ARMS) for seed in range(seeds)]
+    plan += [(arm, 0) for arm in ABLATIONS if not arms and not quick]
+    for arm, seed in plan:
+        cfg = load_config(raw=raw_config(root, arm, seed, steps, sources))
+        stages.score.run(cfg)
+        stages.train.run(cfg)
+        name = cfg.train.name
+        evaluate_once(cfg, f"{root}/train/{name}/model.pt", name)
+        if "start" not in evals:
+            evaluate_once(cfg, f"{root}/train/{name}/init.pt", "start")
+            evals["start"] = scores(root, "start")
+        result = scores(root, name)
+        for ds in result:
+            teacher, mine = per_image(root, f"teacher-{TEACHER}", ds), per_image(root, name, ds)
+            result[ds]["wins_vs_teacher"] = sum(mine[i] < teacher[i] for i in mine if i in teacher)
+            result[ds]["losses_vs_teacher"] = sum(mine[i] > teacher[i] for i in mine if i in teacher)
+        runs.setdefault(arm, []).append({"seed": seed, **result})
+    if not set(ARMS) <= set(runs):
         print_tables({"references": evals, "table": {}, "runs": runs, "seeds": seeds})
         return {}
     datasets = list(evals[f"teacher-{TEACHER}"])
     table = {arm: {ds: {k: mean_std([r[ds][k] for r in rs]) for k in ("abs_rel", "delta1")}
-                   for ds in datasets} for arm, rs in runs.items()}
-    detail = {"runs": runs, "table": table, "references": evals, "arms": ARMS, "teacher_to_beat": TEACHER,
+                   for ds in datasets} for arm, rs in runs.items()}  # ablations: one run, std 0
+    detail = {"runs": runs, "table": table, "references": evals, "arms": {**ARMS, **ABLATIONS}, "teacher_to_beat": TEACHER,
               "seeds": seeds, "steps": steps, "batch_size": 4, "corpus": sources,
               "minutes": round((time.time() - t0) / 60, 1)}
     if not quick:
