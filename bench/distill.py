@@ -184,7 +184,7 @@ def print_tables(detail: dict) -> None:
     for arm, res in table.items():
         cells = [f"{res[ds]['abs_rel']['mean']:.4f} ± {res[ds]['abs_rel']['std']:.4f} | "
                  f"{res[ds]['delta1']['mean']:.4f} ± {res[ds]['delta1']['std']:.4f}" for ds in datasets]
-        print(f"| {arm} ({detail['seeds']} seeds) | " + " | ".join(cells) + " |")
+        print(f"| {arm} ({len(detail['runs'][arm])} seed(s)) | " + " | ".join(cells) + " |")
     for arm, rs in detail["runs"].items():
         for r in rs:
             print(f"  {arm} seed {r['seed']}: " + "; ".join(
