@@ -179,8 +179,9 @@ def model_card(name: str, model, checkpoint: str, files: dict, check: dict | Non
         "architecture": architecture(model), "model_config": model.config.to_dict(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "input": {"name": "rgb", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
-                  "meaning": "RGB in [0, 1] (the model normalises it itself); any height and width (brought "
-                             f"to multiples of {model.patch} inside)"},
+                  "meaning": "RGB in [0, 1] (the model normalises it itself); any height and width "
+                             + (f"(stretched to {size[0]}×{size[1]} inside)" if (size := getattr(model.config, "input_size", None))
+                                else f"(brought to multiples of {model.patch} inside)")},
         "output": {"name": "disparity", "dtype": "float32", "shape": ["batch", "height", "width"],
                    "space": "disparity", "meaning": "relative disparity, >= 0, known up to scale and shift "
                                                     "(fit both per image before comparing with depth)"},
