@@ -155,6 +155,12 @@ class StudentCfg(Section):
                                                      "[height, width], as fixed-size mobile models expect; default: "
                                                      "the nearest multiples of the graph's stride")
 
+    @property
+    def init_teacher(self) -> str | None:
+        """The teacher `init_from = "teacher:<name>"` names, else None."""
+        ref = self.init_from or ""
+        return ref.removeprefix("teacher:") if ref.startswith("teacher:") else None
+
     @model_validator(mode="after")
     def _arch(self) -> "StudentCfg":
         if self.arch == "tflite" and not self.init_from:
@@ -267,9 +273,8 @@ class DadConfig(Section):
         if self.student.arch == "tflite" and self.train.feature_loss:
             raise ValueError("train.feature_loss aligns ViT encoder tokens; a student.arch = 'tflite' student has "
                              "no such encoder: set train.feature_loss = false")
-        ref = self.student.init_from or ""
-        if ref.startswith("teacher:"):
-            name = ref.removeprefix("teacher:")
+        name, ref = self.student.init_teacher, self.student.init_from
+        if name is not None:
             if name not in self.teachers:
                 raise ValueError(f"student.init_from = {ref!r}: no teacher {name!r} is configured "
                                  f"(teachers: {', '.join(self.teachers) or 'none'})")
@@ -423,7 +428,7 @@ def with_absolute_paths(cfg: DadConfig) -> DadConfig:
     data["run"]["model_cache"] = local(cfg.run.model_cache, must_exist=False)
     data["train"]["init_from"] = local(cfg.train.init_from, must_exist=True)
     data["student"]["encoder_weights"] = local(cfg.student.encoder_weights, must_exist=True)
-    if cfg.student.init_from and not cfg.student.init_from.startswith("teacher:"):
+    if cfg.student.init_from and cfg.student.init_teacher is None:
         data["student"]["init_from"] = local(cfg.student.init_from, must_exist=True)
     if cfg.train.val_dataset:
         kind, _, path = cfg.train.val_dataset.partition(":")

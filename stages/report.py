@@ -128,8 +128,8 @@ def init_teacher(cfg: DadConfig) -> str | None:
     """The teacher whose weights the student started from (train.init_from is that teacher's model)."""
     import os
 
-    if (cfg.student.init_from or "").startswith("teacher:"):
-        return cfg.student.init_from.removeprefix("teacher:")
+    if cfg.student.init_teacher:
+        return cfg.student.init_teacher
     src = cfg.train.init_from
     for name, t in cfg.teachers.items():
         if src and (src == t.model or os.path.abspath(src) == os.path.abspath(t.model)):

@@ -129,9 +129,8 @@ def graph_source(cfg: DadConfig) -> tuple[str, str, dict]:
     that teacher's file (URL + sha256 + mirror), output and input normalization."""
     from pipeline.models import digest, resolve
 
-    ref = cfg.student.init_from
-    if ref.startswith("teacher:"):
-        name = ref.removeprefix("teacher:")
+    ref, name = cfg.student.init_from, cfg.student.init_teacher
+    if name is not None:
         tcfg = cfg.teachers[name]
         path = resolve(tcfg.model, tcfg.sha256, what=f"student.init_from ({ref})")
         space = "depth" if tcfg.output_space in ("depth", "metric_depth", "affine_depth") else "disparity"
@@ -206,11 +205,7 @@ def _source_config(src: str):
             raise CheckpointError(f"{src} is not a readable student checkpoint: {err}") from None
         if not isinstance(payload, dict) or payload.get("format") != "dad.student":
             raise CheckpointError(f"{src} is not a student checkpoint (dad.student format)")
-        if payload["model_config"].get("arch") == "tflite":
-            from student.graph import GraphConfig
-
-            return GraphConfig.from_dict(payload["model_config"])
-        return config_from_dict(payload["model_config"])
+        return config_from_dict(payload["model_config"])  # a StudentConfig, or a GraphConfig for graph students
     from student.convert import student_config_from_hf
 
     with fsspec.open(f"{src.rstrip('/')}/config.json", "r") as f:
@@ -360,8 +355,8 @@ def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
         teachers[n] = {"license": tcfg.license, "model": spec.model, "weights": spec.weights_id,
                        "fingerprint": spec.fingerprint, "label_share": round(float(p), 4)}
     labels = sorted({t["license"] for t in teachers.values() if t["label_share"] > 0})
-    start = (cfg.student.init_from or "").removeprefix("teacher:")
-    weights_from = {"teacher": start, "license": cfg.teachers[start].license} if start in cfg.teachers else None
+    start = cfg.student.init_teacher
+    weights_from = {"teacher": start, "license": cfg.teachers[start].license} if start else None
     # the student's weights carry its labels' terms and, when it starts from a teacher, that teacher's
     return {"teachers": teachers, "corpus": list(cfg.corpus.sources), "label_licenses": labels,
             "weights_from": weights_from,

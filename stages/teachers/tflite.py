@@ -45,11 +45,11 @@ def _interpreter(path: str, threads: int, what: str):
 
 class TFLiteTeacher(Teacher):
     def __init__(self, name: str, tcfg: TeacherCfg):
-        self.spec = self.describe(name, tcfg)
         self.path = resolve(tcfg.model, tcfg.sha256, what=f"teachers.{name}.model")
         threads = tcfg.torch_threads or max(1, int(tcfg.num_cpus))
         self.interp = _interpreter(self.path, threads, f"teachers.{name}")
         self.input, self.outputs = _io(self.interp, tcfg, name)
+        self.spec = _spec(name, tcfg, self.path, self.input)
         self.size = tuple(int(s) for s in self.input["shape"][1:3])
         self.mean = np.asarray(tcfg.input_mean or (0.0, 0.0, 0.0), np.float32)
         self.std = np.asarray(tcfg.input_std or (1.0, 1.0, 1.0), np.float32)
@@ -59,13 +59,8 @@ class TFLiteTeacher(Teacher):
     @classmethod
     def describe(cls, name: str, tcfg: TeacherCfg) -> TeacherSpec:
         path = resolve(tcfg.model, tcfg.sha256, what=f"teachers.{name}.model")
-        interp = _interpreter(path, 1, f"teachers.{name}")
-        inp, _ = _io(interp, tcfg, name)
-        h, w = (int(s) for s in inp["shape"][1:3])
-        norm = f", mean {tcfg.input_mean} std {tcfg.input_std}" if tcfg.input_mean or tcfg.input_std else ""
-        rule = f"{tcfg.resize} to {h}x{w}, {np.dtype(inp['dtype']).name} input{norm}, output {tcfg.output_index}"
-        return TeacherSpec(name, "tflite", display(tcfg.model), tcfg.output_space, rule, tcfg.license,
-                           f"sha256:{digest(path)}")
+        inp, _ = _io(_interpreter(path, 1, f"teachers.{name}"), tcfg, name)
+        return _spec(name, tcfg, path, inp)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """RGB in [0, 1] (H,W,3) → the model's input tensor (1,H,W,3), normalised and quantized as declared."""
@@ -103,6 +98,14 @@ class TFLiteTeacher(Teacher):
         if outs.shape[-2:] != (h, w):
             outs = F.interpolate(outs, size=(h, w), mode="bilinear", align_corners=False)
         return outs[:, 0].to(rgb.device)
+
+
+def _spec(name: str, tcfg: TeacherCfg, path: str, inp: dict) -> TeacherSpec:
+    h, w = (int(s) for s in inp["shape"][1:3])
+    norm = f", mean {tcfg.input_mean} std {tcfg.input_std}" if tcfg.input_mean or tcfg.input_std else ""
+    rule = f"{tcfg.resize} to {h}x{w}, {np.dtype(inp['dtype']).name} input{norm}, output {tcfg.output_index}"
+    return TeacherSpec(name, "tflite", display(tcfg.model), tcfg.output_space, rule, tcfg.license,
+                       f"sha256:{digest(path)}")
 
 
 def _io(interp, tcfg: TeacherCfg, name: str) -> tuple[dict, list[dict]]:
