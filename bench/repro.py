@@ -211,15 +211,26 @@ def paired_se(a: dict, b: dict) -> tuple[float | None, int]:
     return float(d.std(ddof=1) / math.sqrt(len(d))), len(d)
 
 
-def judge(claim: Claim, agg: dict, dataset: str) -> dict:
-    """Does `claim` hold on `dataset`? {verdict, holds, delta (b − a; > 0: a is better), noise, rule, …}."""
+def pooled_seed_std(agg: dict, dataset: str) -> float | None:
+    """The seed standard deviation pooled over the arms run with ≥ 2 seeds (variances weighted by n − 1):
+    the seed noise of an arm run once, assuming training seeds scatter every arm alike."""
+    per = [(ms["n"] - 1, ms["std"] ** 2) for arm in agg.values() if (ms := arm.get(dataset))
+           and ms.get("std") is not None]
+    dof = sum(d for d, _ in per)
+    return math.sqrt(sum(d * v for d, v in per) / dof) if dof else None
+
+
+def judge(claim: Claim, agg: dict, dataset: str, pooled: float | None = None) -> dict:
+    """Does `claim` hold on `dataset`? {verdict, holds, delta (b − a; > 0: a is better), noise, rule, …}.
+    `pooled`: the seed std used for an arm run with one seed (see `pooled_seed_std`)."""
     a, b = (agg.get(claim.a) or {}).get(dataset), (agg.get(claim.b) or {}).get(dataset)
     if not a or not b or a["mean"] is None or b["mean"] is None:
         return {"verdict": "not run", "holds": None, "delta": None, "noise": None, "se": None,
                 "rule": "missing runs", "seeds": 0}
     delta = b["mean"] - a["mean"]
     se, n_img = paired_se(a, b)
-    parts = [s for s in (a["std"], b["std"]) if s is not None] + ([2 * se] if se is not None else [])
+    stds = [x["std"] if x["std"] is not None else pooled for x in (a, b)]
+    parts = [s for s in stds if s is not None] + ([2 * se] if se is not None else [])
     noise = max(parts) if parts else 0.0
     seeds = min(a["n"], b["n"])
     if claim.kind == "tie":
@@ -235,7 +246,8 @@ def judge(claim: Claim, agg: dict, dataset: str) -> dict:
 
 
 def verdicts(agg: dict, datasets: list[str]) -> list[dict]:
-    return [{**asdict(c), "per_dataset": {ds: judge(c, agg, ds) for ds in datasets}} for c in CLAIMS]
+    pooled = {ds: pooled_seed_std(agg, ds) for ds in datasets}
+    return [{**asdict(c), "per_dataset": {ds: judge(c, agg, ds, pooled[ds]) for ds in datasets}} for c in CLAIMS]
 
 
 def fmt(ms: dict | None, digits: int = 4) -> str:
@@ -489,24 +501,25 @@ def _selection_key(cfg) -> str:
 
 def experiment(quick: bool = False, seeds: int | None = None, steps: int | None = None, root: str | None = None,
                arms: list[str] | None = None, out: str | None = None, report: bool = True, threads: int = 0,
-               sizes: Sizes | None = None, echo=print) -> dict:
+               sizes: Sizes | None = None, finished_only: bool = False, echo=print) -> dict:
     """Run the grid and write the results JSON and the report page; returns the results.
 
     `threads`: torch threads for teaching and training, the same for every arm (evaluation always uses
     one); 0 = every core when the machine is idle (1-minute load below half the cores), else one.
-    `sizes` replaces the mode's sizes (tests)."""
+    `sizes` replaces the mode's sizes (tests). `finished_only`: train nothing; tabulate the arm × seed runs
+    that have finished (an interrupted or partial grid)."""
     import torch
 
     previous = torch.get_num_threads()
     cores = os.cpu_count() or 1
     torch.set_num_threads(threads or (cores if os.getloadavg()[0] < cores / 2 else 1))
     try:
-        return _experiment(quick, seeds, steps, root, arms, out, report, sizes, echo)
+        return _experiment(quick, seeds, steps, root, arms, out, report, sizes, finished_only, echo)
     finally:
         torch.set_num_threads(previous)
 
 
-def _experiment(quick, seeds, steps, root, arms, out, report, sizes, echo) -> dict:
+def _experiment(quick, seeds, steps, root, arms, out, report, sizes, finished_only, echo) -> dict:
     t_start = time.time()
     os.chdir(REPO)  # the setting's paths are relative to the repository
     mode = "quick" if quick else "full"
@@ -534,14 +547,15 @@ def _experiment(quick, seeds, steps, root, arms, out, report, sizes, echo) -> di
     runs = []
     for seed in exp.seeds:  # seed-major: an interrupted grid still has every arm at the first seeds
         for arm in chosen:
+            if finished_only and not (exp.root_of(arm.corpus) / "train" / f"{arm.name}-s{seed}" / "model.pt").exists():
+                continue
             r = exp.run_one(arm, seed)
             runs.append(r)
             echo(f"  {arm.name:<18} seed {seed}: " + ", ".join(
                 f"{k} AbsRel {v['abs_rel']:.4f}" for k, v in r["metrics"].items())
                  + f"  (train {r['train_seconds']:.0f} s{', reused' if r['reused'] else ''}, eval {r['eval_seconds']:.0f} s)")
-    start = root_dir / "train" / f"{chosen[0].name}-s0" / "init.pt"
-    if chosen[0].corpus != "photos":
-        start = root_dir / "hires" / "train" / f"{chosen[0].name}-s0" / "init.pt"
+    first = next(a for a in chosen if any(r["arm"] == a.name for r in runs))
+    start = exp.root_of(first.corpus) / "train" / f"{first.name}-s0" / "init.pt"
     refs = exp.references(start)
     agg = aggregate(runs, list(datasets))
     claims = verdicts(agg, list(datasets))
@@ -567,6 +581,8 @@ def _experiment(quick, seeds, steps, root, arms, out, report, sizes, echo) -> di
         "prepare": prep, "references": refs, "arms": {a.name: asdict(a) for a in chosen}, "runs": runs,
         "aggregate": agg, "tables": tables(agg, list(datasets), labels), "claims": claims, "tally": tally,
         "claims_counted": len(counted),
+        "seeds_per_arm": {arm: max(ms["n"] for ms in per.values()) for arm, per in agg.items()},
+        "pooled_seed_std": {ds: pooled_seed_std(agg, ds) for ds in datasets},
         "headline": headline(agg, refs, families) if "realeval" in datasets else None,
         "realeval_families": families,
     }
@@ -676,10 +692,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads for teaching and training (default: all cores if the machine is idle at "
                          "the start, else 1; evaluation always uses 1)")
     ap.add_argument("--no-report", action="store_true", help="do not run the report stage at the end")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train nothing: tabulate the runs that have finished (a partial or interrupted grid)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     experiment(quick=args.quick, seeds=args.seeds, steps=args.steps, root=args.root, arms=args.arms,
-               out=args.out, report=not args.no_report, threads=args.threads)
+               out=args.out, report=not args.no_report, threads=args.threads, finished_only=args.finished_only)
     return 0
 
 

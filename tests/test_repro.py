@@ -206,3 +206,18 @@ def test_toy_grid_end_to_end(tmp_path):
                              sizes=TOY, echo=lambda s: None)
     for r in again["runs"]:
         assert r["reused"] and r["metrics"] == runs[r["arm"]]["metrics"]
+
+
+def test_pooled_seed_std_stands_in_for_an_arm_run_once():
+    runs = synthetic({"sclg-hybrid": 0.20}, spread=0.01)  # std 0.01 over three seeds, every arm
+    runs = [r for r in runs if r["arm"] in ("sclg-hybrid", "sc-hybrid") and (r["arm"] == "sclg-hybrid" or r["seed"] == 0)]
+    runs += [{"arm": "sc-global", "seed": s, "metrics": {d: {"abs_rel": v} for d in DATASETS}}
+             for s, v in enumerate((0.30, 0.34))]  # std 0.028284 over two seeds
+    agg = aggregate(runs, DATASETS)
+    # pooled over (3 − 1) + (2 − 1) degrees of freedom: sqrt((2·0.0001 + 1·0.0008) / 3)
+    assert repro.pooled_seed_std(agg, "scenes") == pytest.approx((0.001 / 3) ** 0.5)
+    assert agg["sc-hybrid"]["scenes"]["std"] is None  # run once
+    v = judge(claim("2a"), agg, "scenes", pooled=repro.pooled_seed_std(agg, "scenes"))
+    assert v["noise"] == pytest.approx((0.001 / 3) ** 0.5) and v["delta"] == pytest.approx(0.30 - 0.20 - 0.01)
+    assert judge(claim("2a"), agg, "scenes")["noise"] == pytest.approx(0.01)  # without it: the other arm's std
+    assert repro.pooled_seed_std(aggregate(runs[:1], DATASETS), "scenes") is None
