@@ -1,5 +1,5 @@
-"""Reliability figures (issue #9): R1 crash anywhere, R2 dead workers, R3 bad inputs, R4 two writers,
-R5 object storage.
+"""Reliability figures (issues #9, #19): R1 crash anywhere, R2 dead workers, R3 bad inputs, R4 two writers,
+R5 object storage, R6 hostile-user situations.
 
     python -m bench.faults [--quick] [--trials N] [--node] [--only R1,R3]
 
@@ -19,6 +19,9 @@ R5 object storage.
   and both started at once): how often the second was refused, how often both wrote, outputs differing.
 * R5 — shard → teach → score → train (2 steps) → eval with the root on s3:// (moto server) vs local
   disk: outputs differing.
+* R6 — the hostile-user situations of issue #19 (silent wrong results, lost inputs, kept secrets,
+  one-line errors, impossible resource requests): every case of `tests/test_reliability_*.py`, slow
+  ones included, run by pytest; figures: situations tried, situations handled (their test passed).
 """
 
 from __future__ import annotations
@@ -158,6 +161,45 @@ def r2_node(work: Path) -> dict:
                           "-k", "worker_node", "-p", "no:cacheprovider", f"--basetemp={work / 'node'}"],
                          capture_output=True, text=True, timeout=1200, cwd=TESTS.parent, check=False)
     return {"ok": res.returncode == 0, "tail": (res.stdout + res.stderr)[-1500:]}
+
+
+# -- R6 ---------------------------------------------------------------------------------------------------
+
+RELIABILITY_SUITES = {  # test file → the issue #19 items its cases try
+    "test_reliability_train.py": "1 divergence, 7 predict over inputs, 11 checkpoint mode, 12 truncated checkpoint",
+    "test_reliability_judgement.py": "2 sign-inverted teacher, 5 skipped eval samples, 6 mistaken config values",
+    "test_reliability_integrity.py": "3 corpus and cache digests, 4 re-teach under a reader, 10 changed sources",
+    "test_reliability_sources.py": "8 credentials, 9 every entry a sample or a reject, URL timeouts",
+    "test_reliability_cli.py": "12 one clear line, 13 requests the cluster cannot meet",
+}
+
+
+def r6(work: Path) -> dict:
+    """Run every hostile-user case (each parametrized case counts once) and count the handled ones."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    work.mkdir(parents=True, exist_ok=True)
+    report = work / "r6.xml"
+    files = [str(TESTS / f) for f in RELIABILITY_SUITES]
+    res = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-m", "slow or not slow", "-p", "no:cacheprovider",
+                          f"--junitxml={report}", f"--basetemp={work / 'tmp'}"],
+                         capture_output=True, text=True, timeout=3600, cwd=TESTS.parent, check=False)
+    per: dict = {f: {"items": items, "tried": 0, "handled": 0, "not_handled": []} for f, items in RELIABILITY_SUITES.items()}
+    if not report.exists():
+        return {"per_file": per, "tried": 0, "handled": 0, "error": (res.stdout + res.stderr)[-1500:]}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        f = case.get("classname", "").split(".")[-1] + ".py"
+        if f not in per or case.find("skipped") is not None:
+            continue
+        row = per[f]
+        row["tried"] += 1
+        if case.find("failure") is None and case.find("error") is None:
+            row["handled"] += 1
+        else:
+            row["not_handled"].append(case.get("name"))
+    return {"per_file": per, "tried": sum(r["tried"] for r in per.values()),
+            "handled": sum(r["handled"] for r in per.values()), "pytest_exit": res.returncode}
 
 
 # -- R3 ---------------------------------------------------------------------------------------------------
@@ -323,7 +365,7 @@ def run(quick: bool = False, trials: int | None = None, node: bool = False, only
     import fault_fixtures as ff
 
     trials = trials or (3 if quick else 20)
-    only = only or {"R1", "R2", "R3", "R4", "R5"}
+    only = only or {"R1", "R2", "R3", "R4", "R5", "R6"}
     work = Path(tempfile.mkdtemp(prefix="dad-bench-faults-"))
     results: dict[str, dict] = {}
     figures: dict = {"trials_per_stage": trials}
@@ -386,6 +428,15 @@ def run(quick: bool = False, trials: int | None = None, node: bool = False, only
             out = r5(work / "r5")
             figures["R5"] = out
             results["R5_s3_outputs_differing"] = _entry(len(out["differing"]), "outputs", "== 0", out)
+        if "R6" in only:
+            print("R6: the hostile-user situations of issue #19 (tests/test_reliability_*.py)", flush=True)
+            out = r6(work / "r6")
+            figures["R6"] = out
+            results["R6_situations_tried"] = _entry(out["tried"], "cases", ">= 13",
+                                                    {f: r["items"] for f, r in out["per_file"].items()})
+            results["R6_situations_handled"] = _entry(out["handled"], "cases", f"== {out['tried']}",
+                                                      {f: {k: r[k] for k in ("tried", "handled", "not_handled")}
+                                                       for f, r in out["per_file"].items()})
     except Exception:
         traceback.print_exc()
         raise
@@ -396,7 +447,7 @@ def run(quick: bool = False, trials: int | None = None, node: bool = False, only
 
 
 def _print(results: dict) -> None:
-    print("\nissue #9 reliability figures")
+    print("\nreliability figures (issues #9, #19)")
     for name, e in results.items():
         print(f"  {name:32s} {e['value']!s:>8} {e['unit']:10s} goal {e['goal']}")
 
@@ -406,7 +457,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 trials per stage (R1), 1 (R4), 1 actor kill (R2)")
     ap.add_argument("--trials", type=int, help="R1 trials per stage (default 20; quick 3)")
     ap.add_argument("--node", action="store_true", help="R2: also kill a worker node of a 3-node cluster (slow)")
-    ap.add_argument("--only", help="comma-separated subset of R1,R2,R3,R4,R5")
+    ap.add_argument("--only", help="comma-separated subset of R1,R2,R3,R4,R5,R6")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     only = {s.strip().upper() for s in args.only.split(",")} if args.only else None

@@ -21,11 +21,15 @@ Corruption is never trained on (issue #9, R3). Two layers:
   `check_shard` compares them — by size (cheap: `dad teach` always) or by sha256 (`dad teach
   --verify`, and `dad train` before it reads) — and a cell that fails is recomputed by `dad teach`.
   This also catches what a checksum inside the object cannot: a deleted, truncated or swapped object.
+* the metadata documents (`zarr.json` of the group and of each array) carry no checksum and a changed
+  fill value or codec would misread every chunk: `metadata_problems` compares them with what
+  `ensure_cache` writes (attributes: those readers use), and `dad teach` rewrites any that differ.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -63,19 +67,81 @@ def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: in
                  attrs: dict) -> zarr.Group:
     """Create the group and arrays if missing (or if their shape changed); always refresh attributes."""
     group = zarr.open_group(root.zarr_store(*cache_path(teacher)), mode="a")
-    n = n_shards * shard_size
-    shapes = {"global": (n, g, g), "local": (n, k, l, l), "global_valid": (n, g, g), "local_valid": (n, k, l, l)}
     existing = set(group.array_keys()) if group.attrs.get("cache_layout") == LAYOUT else set()
-    for name, shape in shapes.items():
+    for name, shape in _shapes(n_shards, shard_size, g, k, l).items():
         if name in existing and group[name].shape == shape:
             continue
-        is_mask = name.endswith("_valid")
-        group.create_array(
-            name, shape=shape, chunks=(1, *shape[1:]), shards=(shard_size, *shape[1:]),
-            dtype="bool" if is_mask else "float16", fill_value=False if is_mask else np.nan,
-            compressors=_compressors(), overwrite=True)
+        _create_array(group, name, shape, shard_size)
     group.attrs.update({**attrs, "cache_layout": LAYOUT})
     return group
+
+
+def _shapes(n_shards: int, shard_size: int, g: int, k: int, l: int) -> dict[str, tuple[int, ...]]:
+    n = n_shards * shard_size
+    return {"global": (n, g, g), "local": (n, k, l, l), "global_valid": (n, g, g), "local_valid": (n, k, l, l)}
+
+
+def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], shard_size: int) -> None:
+    is_mask = name.endswith("_valid")
+    group.create_array(
+        name, shape=shape, chunks=(1, *shape[1:]), shards=(shard_size, *shape[1:]),
+        dtype="bool" if is_mask else "float16", fill_value=False if is_mask else np.nan,
+        compressors=_compressors(), overwrite=True)
+
+
+def reference_metadata(n_shards: int, shard_size: int, g: int, k: int, l: int, attrs: dict | None = None
+                       ) -> dict[str, bytes]:
+    """Store key → the `zarr.json` bytes `ensure_cache` writes (built in memory): each array's, and the
+    group's when its `attrs` are given."""
+    from zarr.storage import MemoryStore
+
+    store: dict = {}
+    group = zarr.open_group(MemoryStore(store), mode="w")
+    for name, shape in _shapes(n_shards, shard_size, g, k, l).items():
+        _create_array(group, name, shape, shard_size)
+    if attrs is not None:
+        group.attrs.update({**attrs, "cache_layout": LAYOUT})
+    return {key: buf.to_bytes() for key, buf in store.items() if attrs is not None or key != "zarr.json"}
+
+
+def metadata_problems(root: Root, teacher: str, reference: dict[str, bytes], reader_attrs: dict) -> dict[str, str]:
+    """Store key → why, for each metadata document of the cache that a reader would misread: unreadable,
+    an array's differing from `reference`, or a group attribute in `reader_attrs` (output space, shard size)
+    with another value. {} for a cache not created yet, or one of an older layout (teach recreates it)."""
+    def load(key: str):
+        try:
+            return json.loads(root.read_bytes(*cache_path(teacher), key))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON (nor UTF-8): damaged
+            return "unreadable"
+
+    group = load("zarr.json")
+    if group is None and not root.exists(*cache_path(teacher)):
+        return {}
+    out = {}
+    attrs = group.get("attributes") if isinstance(group, dict) else None
+    if not isinstance(attrs, dict) or group.get("node_type") != "group":
+        out["zarr.json"] = "missing" if group is None else "not readable as the group's metadata"
+    elif attrs.get("cache_layout") != LAYOUT:
+        return {}
+    elif wrong := [key for key, value in reader_attrs.items() if attrs.get(key) != value]:
+        out["zarr.json"] = f"attribute(s) {', '.join(wrong)} differ from the teacher's settings"
+    for key, want in reference.items():
+        if key == "zarr.json":
+            continue
+        got = load(key)
+        if got != json.loads(want):
+            out[key] = ("missing" if got is None else "not readable as JSON" if got == "unreadable"
+                        else "differs from what teach writes")
+    return out
+
+
+def repair_metadata(root: Root, teacher: str, keys, reference: dict[str, bytes]) -> None:
+    """Rewrite the given metadata documents with `reference` (from `reference_metadata` with attrs).
+    Chunks are left alone: only what describes them is restored."""
+    for key in keys:
+        root.write_bytes(reference[key], *cache_path(teacher), key)
 
 
 def write_shard(group: zarr.Group | Mapping[str, zarr.Array], shard: int, shard_size: int,

@@ -13,18 +13,60 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pipeline.config import ConfigError, DadConfig, load_config
-from pipeline.ledger import LockError, StaleConfigError
+from pipeline.errors import describe
+from pipeline.redact import redact, redact_tree
+
+# What the failing command was working on, for its one-line message (set per invocation).
+_state: dict = {"root": None, "debug": False}
+
+def _own_exits() -> tuple[type, ...]:
+    """An exit on purpose (typer's and click's own, usage errors): not a failure to describe. Typer ≥ 0.20
+    raises them from its vendored click (`typer._click`), older ones from click itself."""
+    kinds = [typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+        kinds.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+_PASS_THROUGH = _own_exits()
+
+
+class _GuardedGroup(TyperGroup):
+    """Every failure of every command, whichever part raised it, ends as one line (`_report`); `--debug`
+    may stand anywhere on the command line (users add it at the end of the command that failed)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug", *[a for i, a in enumerate(args) if not (a == "--debug" and i < end)]]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except Exception as e:  # noqa: BLE001 - the point: nothing reaches the user as a bare traceback
+            _report(e)
+
 
 app = typer.Typer(
-    name="dad", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+    name="dad", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False, cls=_GuardedGroup,
     help="[bold]dad[/bold] — distill a stronger monocular depth model from unlabeled images and several "
          "teachers (Distill Any Depth, arXiv 2502.19204).\n\n"
          "Stages, each restartable and run on Ray: [cyan]shard[/] → [cyan]teach[/] → [cyan]score[/] → "
@@ -47,18 +89,44 @@ BreakOpt = Annotated[bool, typer.Option("--break-lock", help="take over a lock w
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[logging.StreamHandler(sys.stderr)], force=True)
-    for noisy in ("ray", "urllib3", "filelock", "fsspec", "matplotlib", "PIL"):
+    for noisy in ("ray", "urllib3", "filelock", "fsspec", "matplotlib", "PIL", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load(config: Path, root: str | None, sets: list[str] | None) -> DadConfig:
     _setup_logging(os.environ.get("DAD_VERBOSE") == "1")
-    return load_config(config, root=root, overrides=sets or [])
+    cfg = load_config(config, root=root, overrides=sets or [])
+    _state["root"] = cfg.run.root
+    return cfg
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    # one line whatever the terminal width (no wrapping), the message's brackets printed as they are
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+def _debug() -> bool:
+    return _state["debug"] or "1" in (os.environ.get("DAD_DEBUG"), os.environ.get("DAD_VERBOSE"))
+
+
+def _report(e: BaseException) -> None:
+    """One line naming the file or key and the next step (pipeline.errors.describe); with --debug or
+    DAD_DEBUG=1 the traceback first."""
+    if _debug():
+        traceback.print_exception(e, file=sys.stderr)
+    _fail(describe(e, _state["root"]))
+
+
+def _check_root(cfg: DadConfig) -> None:
+    """A run root that cannot be one (a file; an object store that cannot be reached) fails here, naming
+    run.root, before a stage trips over it somewhere inside."""
+    from pipeline.storage import Root
+
+    r = Root(cfg.run.root)
+    if r.is_local and os.path.exists(r.path()) and not os.path.isdir(r.path()):
+        raise ConfigError(f"run.root {cfg.run.root} is a file, not a folder: choose a folder for --root / run.root")
+    r.listdir()  # reaches the store: a wrong endpoint or missing credentials fail now, as one line
 
 
 def _summary(summary: dict) -> None:
@@ -68,13 +136,19 @@ def _summary(summary: dict) -> None:
 
 
 def _guarded(fn):
-    """Known failures print one clear message (set DAD_VERBOSE=1 for the traceback)."""
+    """Run fn; any failure prints one clear line (`dad --debug` or DAD_DEBUG=1 adds the traceback)."""
     try:
         return fn()
-    except (ConfigError, LockError, StaleConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("DAD_VERBOSE") == "1":
-            raise
-        _fail(str(e))
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:  # noqa: BLE001 - see _report
+        _report(e)
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="on failure, also print the traceback "
+                                                  "(or set DAD_DEBUG=1)")] = False):
+    _state.update(root=None, debug=debug)
 
 
 # -- config & status ---------------------------------------------------------------------------
@@ -85,34 +159,52 @@ def config_show(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None,
     """Print the resolved config (file + --root + --set, with every default filled in)."""
     cfg = _guarded(lambda: _load(config, root, set_))
     # Plain write, not rich: rich wraps long lines at the console width, which breaks TOML/JSON when piped.
-    text = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n" if as_json else cfg.to_toml()
+    # Both forms are redacted: a --root or source URL's credentials are never printed.
+    text = json.dumps(redact_tree(cfg.model_dump(mode="json")), indent=2) + "\n" if as_json else cfg.to_toml()
     typer.echo(text, nl=False)
 
 
 @app.command()
 def status(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
-    """Per stage (and per teacher): cells done / total, and what is stale."""
+    """Per stage (and per teacher): cells done / total, and what is stale; damaged files with their repair.
+
+    The diagnostic command never stops at the first bad file: a stage it cannot assess is a row that
+    says so, and every damaged file is one line on stderr with the command that repairs it (exit code 1)."""
     cfg = _guarded(lambda: _load(config, root, set_))
+    from pipeline.errors import damaged_files
     from pipeline.storage import Root
 
-    rows = []
+    _guarded(lambda: _check_root(cfg))
+    r = Root(cfg.run.root)
+    rows, problems = [], []
     for name in ("shard", "teach", "score", "train"):
         try:
             stage = importlib.import_module(f"stages.{name}")
         except ModuleNotFoundError:
             continue
-        rows.extend(stage.status(cfg, Root(cfg.run.root)))
-    table = Table(title=f"dad status — {cfg.run.root}")
+        try:
+            rows.extend(stage.status(cfg, r))
+        except Exception as e:  # noqa: BLE001 - reported as a row; the other stages are still assessed
+            rows.append({"stage": name, "scope": "?", "done": "?", "total": "?", "stale": "?", "note": "cannot tell"})
+            problems.append(f"cannot tell {name}: {describe(e, cfg.run.root)}")
+    problems.extend(f"damaged: {message}" for _, message in _guarded(lambda: damaged_files(r)))
+    table = Table(title=f"dad status — {redact(cfg.run.root)}")
     for col in ("stage", "scope", "done", "total", "stale", "note"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["stage"], r["scope"], str(r["done"]), str(r["total"]), str(r["stale"]), r.get("note", ""))
+    for row in rows:
+        table.add_row(row["stage"], row["scope"], str(row["done"]), str(row["total"]), str(row["stale"]),
+                      row.get("note", ""))
     out.print(table)
+    for line in dict.fromkeys(problems):  # one line each, in order, no repeats
+        err.print(escape(line), soft_wrap=True, highlight=False, style="yellow")
+    if problems:
+        raise typer.Exit(1)
 
 
 # -- stages ------------------------------------------------------------------------------------
 
 def _run_stage(module: str, cfg: DadConfig, **kwargs) -> dict:
+    _check_root(cfg)
     stage = importlib.import_module(f"stages.{module}")
     summary = stage.run(cfg, **kwargs)
     _summary(summary)
@@ -126,10 +218,12 @@ def _run_stage(module: str, cfg: DadConfig, **kwargs) -> dict:
 
 @app.command()
 def shard(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, address: AddressOpt = None,
-          break_lock: BreakOpt = False):
+          break_lock: BreakOpt = False,
+          verify: Annotated[bool, typer.Option("--verify", help="sha256-check every corpus shard against its "
+                                                "marker and rebuild those that differ")] = False):
     """Shard the corpus into WebDataset tars with a manifest, rejects and the crop plan."""
     cfg = _guarded(lambda: _load(config, root, set_))
-    _guarded(lambda: _run_stage("shard", cfg, address=address, break_lock=break_lock))
+    _guarded(lambda: _run_stage("shard", cfg, address=address, break_lock=break_lock, verify=verify))
 
 
 @app.command()

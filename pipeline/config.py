@@ -13,9 +13,11 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.redact import redact_tree
 
 
 class ConfigError(ValueError):
@@ -23,7 +25,13 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: one rule for every float of every section (lists and dicts of floats too).
+    # No setting has a meaningful nan or inf; `prior = inf` made p = NaN and inverted the selection.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_SIDE = 8192  # px: any image side a setting asks for (a larger one only allocates absurd memory)
+MAX_TEACH_SHARD_BYTES = 8 << 30  # teach holds one corpus shard's targets in memory at once
 
 
 def folder_name(value: str, what: str) -> str:
@@ -37,7 +45,7 @@ def folder_name(value: str, what: str) -> str:
 
 class RunCfg(Section):
     root: str = Field(description="fsspec URL of the run root (local path, s3://, memory://)")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     ray_address: str | None = Field(None, description="existing cluster: auto, host:6379, ray://host:10001")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (default: all)")
     executor: Literal["auto", "ray", "inline"] = Field(
@@ -57,22 +65,41 @@ class RunCfg(Section):
 
 class CorpusCfg(Section):
     sources: list[str] = Field(min_length=1, description="folders, globs, .tar shards, .txt/.parquet lists")
-    shard_size: int = Field(64, ge=1)
+    shard_size: int = Field(64, ge=1, le=100_000)
     image_format: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(95, ge=50, le=100)
-    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit (width*height)")
+    max_pixels: int = Field(40_000_000, ge=1, le=1_000_000_000,
+                            description="decompression-bomb limit (width*height; 1e9 px is 3 GB decoded)")
     min_side: int = Field(32, ge=1)
     max_aspect: float = Field(4.0, ge=1.0)
-    max_region: int = Field(1024, ge=14, description="stored global region is capped at this side (px)")
-    extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
+    max_region: int = Field(1024, ge=14, le=MAX_SIDE, description="stored global region is capped at this side (px)")
+    extensions: list[str] = Field([".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"], min_length=1)
+    timeout: float = Field(30.0, gt=0, le=3600, description="URL sources: seconds to connect, and to wait for "
+                                                             "each read")
+    retries: int = Field(2, ge=0, le=20, description="URL sources: attempts after the first that timed out or "
+                                                     "lost its connection")
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, v: list[str]) -> list[str]:
+        """Matched against the file's suffix, dot included: 'jpg' would reject every file."""
+        for ext in v:
+            if not re.fullmatch(r"\.[^./\\\s]+", ext):
+                raise ValueError(f"{ext!r} is not a file extension: write it with its dot, e.g. "
+                                 f"'.{ext.strip().lstrip('.') or 'jpg'}'")
+        return v
+
+
+# How inputs are fetched, not what is made of them: left out of fingerprints and of the recorded-config check.
+FETCH_KEYS = {"corpus": {"timeout", "retries"}}
 
 
 class CropsCfg(Section):
-    min_region: int = Field(644, ge=14, description="smallest global-region side (paper: 644)")
-    patch: int = Field(560, ge=14, description="local patch side at native resolution (paper: 560)")
+    min_region: int = Field(644, ge=14, le=MAX_SIDE, description="smallest global-region side (paper: 644)")
+    patch: int = Field(560, ge=14, le=MAX_SIDE, description="local patch side at native resolution (paper: 560)")
     local_count: int = Field(4, ge=1, le=64, description="K local patches per sample")
-    global_size: int = Field(560, ge=14, description="global region resized to G×G for teachers and student")
-    local_store: int = Field(392, ge=8, description="local predictions stored at L×L")
+    global_size: int = Field(560, ge=14, le=MAX_SIDE, description="global region resized to G×G for teachers and student")
+    local_store: int = Field(392, ge=8, le=MAX_SIDE, description="local predictions stored at L×L")
 
     @model_validator(mode="after")
     def _consistent(self) -> "CropsCfg":
@@ -97,8 +124,8 @@ class TeacherCfg(Section):
     output_index: int = Field(0, ge=0, description="which output of a multi-output model is the depth map")
     input_mean: list[float] | None = Field(None, min_length=3, max_length=3,
                                            description="per-channel mean subtracted from RGB in [0, 1]")
-    input_std: list[float] | None = Field(None, min_length=3, max_length=3,
-                                          description="per-channel std dividing RGB in [0, 1]")
+    input_std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=3, max_length=3,
+                                                                 description="per-channel std dividing RGB in [0, 1]")
     resize: Literal["stretch", "letterbox"] = Field(
         "stretch", description="fixed-size models: stretch the image to the model's input, or pad it (letterbox)")
     flip_average: bool = Field(False, description="average the prediction with the flipped prediction of the "
@@ -108,12 +135,21 @@ class TeacherCfg(Section):
         "refuse", description="how to treat affine-invariant depth: refuse, or invert as if it were depth")
     license: str = "unknown"
     input_size: int | None = Field(None, description="teacher input side (default: its own rule)")
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_SIDE:
+            raise ValueError(f"input_size must be positive and at most {MAX_SIDE} px (got {v}); "
+                             "leave it unset for the model's own rule")
+        return v
     batch_size: int = Field(4, ge=1)
     actors: int = Field(1, ge=1, description="actor-pool size (one model per actor)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
-    memory: int | None = Field(None, description="bytes of memory per actor (Ray resource)")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    memory: int | None = Field(None, ge=1, description="bytes of memory per actor (Ray resource)")
+    resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict,
+                                                               description="custom Ray resources per actor")
     torch_threads: int | None = Field(None, ge=1)
     prior: float = Field(1.0, ge=0, description="selection prior (paper: primary 0.7, assistant 0.3)")
 
@@ -150,7 +186,7 @@ class StudentCfg(Section):
     encoder_weights: str | None = Field(None, description="local timm/DINOv2 encoder weights file")
     init_from: str | None = Field(None, description="arch = tflite: the model whose graph and weights the student "
                                                     "starts from, 'teacher:<name>' or a .tflite path")
-    input_size: list[int] | None = Field(None, min_length=2, max_length=2,
+    input_size: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = Field(None, min_length=2, max_length=2,
                                          description="arch = tflite: every input is resized (stretched) to this "
                                                      "[height, width], as fixed-size mobile models expect; default: "
                                                      "the nearest multiples of the graph's stride")
@@ -181,25 +217,25 @@ class TrainCfg(Section):
     def _name(cls, v: str) -> str:
         return folder_name(v, "train.name")
     steps: int = Field(200, ge=1)
-    seed: int | None = Field(None, description="training seed (init of random parts, data order, teacher draws, "
+    seed: int | None = Field(None, ge=0, description="training seed (init of random parts, data order, teacher draws, "
                                                "augmentation); None = run.seed. Unlike run.seed it leaves the corpus "
                                                "and crop plan alone, so seeds of one corpus can be compared")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=1024)
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    lr_encoder: float = Field(5e-6, ge=0)
-    lr_decoder: float = Field(5e-5, ge=0)
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    lr_encoder: float = Field(5e-6, ge=0, le=1)  # AdamW: a learning rate above 1 only diverges
+    lr_decoder: float = Field(5e-5, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     norm: Literal["hybrid", "global", "local", "none"] = "hybrid"
     use_sc: bool = True
     use_lg: bool = True
-    lambda_lg: float = 0.5
-    lambda_feat: float = 1.0
-    lambda_grad: float = 2.0
+    lambda_lg: float = Field(0.5, ge=0)  # a negative weight rewards the loss it weighs
+    lambda_feat: float = Field(1.0, ge=0)
+    lambda_grad: float = Field(2.0, ge=0)
     feature_loss: bool = False
     flip: bool = True
     jitter: float = Field(0.1, ge=0, le=1)
@@ -208,7 +244,7 @@ class TrainCfg(Section):
     log_every: int = Field(10, ge=1)
     deterministic: bool = False
     amp: bool = True
-    prefetch: int = Field(2, ge=0)
+    prefetch: int = Field(2, ge=0, le=64, description="batches read ahead (each one held in memory)")
     val_dataset: str | None = Field(None, description="periodic validation set, an eval spec kind:PATH (e.g. "
                                                       "scenes:n=32,seed=900000); never a set you report on")
     val_every: int | None = Field(None, ge=1, description="validate every N steps (default: checkpoint_every)")
@@ -240,9 +276,11 @@ class EvalCfg(Section):
     datasets: list[str] = Field(default_factory=list, description="e.g. realeval:../shared/data/realeval")
     align: Literal["disparity", "depth", "inverse_depth"] = Field(
         "disparity", description="LSQ fit in disparity scored in depth (Marigold), in depth, or fit+score in 1/depth")
-    resolution: int = Field(518, ge=14)
+    resolution: int = Field(518, ge=14, le=MAX_SIDE)
     max_samples: int | None = Field(None, ge=1)
     pictures: int = Field(6, ge=0)
+    min_valid_pixels: int = Field(100, ge=1, description="a sample with fewer valid GT pixels is skipped, "
+                                  "listed with its reason (a 2-parameter fit on a handful of pixels scores ≈ 0)")
 
     @model_validator(mode="after")
     def _mult(self) -> "EvalCfg":
@@ -283,9 +321,22 @@ class DadConfig(Section):
                                  f"{self.teachers[name].adapter!r}; a tflite student starts from a tflite teacher")
         return self
 
+    @model_validator(mode="after")
+    def _teach_memory(self) -> "DadConfig":
+        """teach fills one corpus shard's targets in memory (f16 maps + bool masks, global and local):
+        a shard_size that passes alone can still ask for hundreds of GiB with large crops."""
+        c = self.crops
+        per_sample = 3 * (c.global_size ** 2 + c.local_count * c.local_store ** 2)
+        need = self.corpus.shard_size * per_sample
+        if need > MAX_TEACH_SHARD_BYTES:
+            raise ValueError(f"corpus.shard_size = {self.corpus.shard_size} makes teach hold {need / 2**30:.1f} GiB "
+                             f"per shard with these crops (at most {MAX_TEACH_SHARD_BYTES >> 30} GiB): set "
+                             f"corpus.shard_size to {MAX_TEACH_SHARD_BYTES // per_sample} or less")
+        return self
+
     def section_fingerprint(self, *keys: str) -> str:
-        """Stable hash of the named sections (dotted keys allowed, e.g. 'run.seed')."""
-        dump = self.model_dump(mode="json")
+        """Stable hash of the named sections (dotted keys allowed, e.g. 'run.seed'), of `identity()`."""
+        dump = self.identity()
         picked = {}
         for key in keys:
             node: Any = dump
@@ -294,8 +345,14 @@ class DadConfig(Section):
             picked[key] = node
         return fingerprint(picked)
 
+    def identity(self) -> dict:
+        """The settings outputs depend on, as they may be stored: redacted, without `FETCH_KEYS`. A new
+        timeout, rotated credentials or a fresh presigned URL leave every fingerprint as it was."""
+        return redact_tree(self.model_dump(mode="json", exclude=FETCH_KEYS))
+
     def to_toml(self) -> str:
-        return dumps_toml(self.model_dump(mode="json", exclude_none=True))
+        """The config as `dad.toml` records it and `dad config show` prints it: credentials redacted."""
+        return dumps_toml(redact_tree(self.model_dump(mode="json", exclude_none=True)))
 
 
 def fingerprint(obj: Any) -> str:

@@ -23,6 +23,16 @@ class Rejected(ValueError):
     """An input that cannot become a sample; str(exc) is the reason recorded in rejects.parquet."""
 
 
+BYTES_PER_PIXEL = 8            # 16-bit RGBA, uncompressed: the most any decodable layout stores per pixel
+METADATA_BYTES = 64 << 20      # EXIF, ICC profiles, thumbnails, padding
+
+
+def max_encoded_bytes(max_pixels: int) -> int:
+    """The largest file that can hold an image within `corpus.max_pixels`: a bigger one is rejected
+    from its size alone, before a byte of it is read (a 3 GB file is never loaded to find that out)."""
+    return max_pixels * BYTES_PER_PIXEL + METADATA_BYTES
+
+
 def decode_rgb(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: float = float("inf")) -> np.ndarray:
     """bytes → (H, W, 3) uint8, correctly oriented. Raises `Rejected(reason)`."""
     if len(data) == 0:

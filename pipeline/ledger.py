@@ -5,6 +5,11 @@
   marker carries the current fingerprint and redoes everything else.
 * A lock `ledger/locks/<stage>.<scope>.lock` refuses a second concurrent writer. A holder on this
   host whose process is gone is stale and is taken over; a holder elsewhere needs `--break-lock`.
+* A read lease `ledger/leases/<stage>.<scope>/<token>.json` (any number at once: readers share) is held
+  by a stage that reads another stage's outputs for its whole run (train and score lease the teachers'
+  caches). The writer refuses to rewrite outputs that have a live lease, and the reader refuses to start
+  while the writer's lock is held, so neither ever sees the other's half-done work. Stale leases follow
+  the lock rule.
 * `dad.toml` records the config as first written; later stages refuse a config whose earlier-stage
   settings changed and say which stage to rerun.
 """
@@ -20,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline.config import DadConfig, load_config
+from pipeline.errors import DamagedFileError
 from pipeline.storage import Root
 
 # Which settings each stage's outputs depend on (beyond the stages before it).
@@ -151,6 +157,56 @@ def stage_lock(root: Root, stage: str, scope: str = "_", break_lock: bool = Fals
             pass
 
 
+def _holder(root: Root, *parts: str) -> LockHolder | None:
+    """The holder recorded in a lock or lease file (None: absent or unreadable)."""
+    try:
+        return LockHolder(**root.read_json(*parts))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def read_leases(root: Root, stage: str, scopes: list[str], command: str = "", break_lock: bool = False):
+    """Hold a shared read lease on each (stage, scope) for the block; refuse if its writer holds the lock.
+
+    The lease is published before the writer's lock is looked at (and the writer takes its lock before it
+    looks at leases), so of two that start together at least one sees the other and refuses."""
+    me = LockHolder(socket.gethostname(), os.getpid(), time.time(), uuid.uuid4().hex, command)
+    taken = []
+    try:
+        for scope in scopes:
+            parts = ("ledger", "leases", f"{stage}.{scope}", f"{me.token}.json")
+            root.write_json(me.__dict__, *parts)
+            taken.append(parts)
+        for scope in scopes:
+            writer = _holder(root, "ledger", "locks", f"{stage}.{scope}.lock")
+            if writer is not None and not writer.is_dead() and not break_lock:
+                raise LockError(
+                    f"`dad {stage}` is writing the outputs of {scope!r} this run reads, in {root.url}: held by "
+                    f"{writer.describe()}. Wait for it to finish, then rerun (if that process is gone: --break-lock)")
+        yield me
+    finally:
+        for parts in taken:
+            root.remove(*parts)
+
+
+def refuse_if_leased(root: Root, stage: str, scope: str, what: str, break_lock: bool = False) -> None:
+    """Raise LockError naming the reader and its lease file if (stage, scope) has a live read lease.
+
+    A lease whose holder on this host is gone, or an unreadable one, is removed; one from another host
+    is removed only with `break_lock`."""
+    folder = ("ledger", "leases", f"{stage}.{scope}")
+    for name in root.listdir(*folder):
+        holder = _holder(root, *folder, name)
+        if holder is None or holder.is_dead() or break_lock:
+            root.remove(*folder, name)
+            continue
+        raise LockError(
+            f"{what} is being read by `{holder.command or 'dad'}` (pid {holder.pid} on {holder.host}, lease "
+            f"{root.uri(*folder, name)}): rewriting it now would change the data under that run. Wait for "
+            f"it to finish (if that process is gone: --break-lock)")
+
+
 # -- recorded config ------------------------------------------------------------------------
 
 def check_recorded(root: Root, cfg: DadConfig, stage: str) -> None:
@@ -160,9 +216,13 @@ def check_recorded(root: Root, cfg: DadConfig, stage: str) -> None:
         return
     import tomllib
 
-    recorded = load_config(raw=tomllib.loads(root.read_bytes("dad.toml").decode()))
+    try:
+        raw = tomllib.loads(root.read_bytes("dad.toml").decode())
+    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError: name the file and how to repair it
+        raise DamagedFileError(root.uri("dad.toml"), "dad.toml", f"not valid TOML: {err}") from None
+    recorded = load_config(raw=raw)
     for upstream, keys in STAGE_KEYS.items():
-        old, new = recorded.model_dump(mode="json"), cfg.model_dump(mode="json")
+        old, new = recorded.identity(), cfg.identity()  # dad.toml holds a redacted config
         changed = [k for k in _flat_keys(keys, new) if _get(old, k) != _get(new, k)]
         if changed and stage != upstream:
             raise StaleConfigError(

@@ -22,10 +22,12 @@ import functools
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import fsspec
+
+from pipeline.redact import redact
+from pipeline.storage import temp_file
 
 MIRROR_ENV = "DAD_MODEL_MIRROR"
 CACHE_ENV = "DAD_MODEL_CACHE"
@@ -38,9 +40,8 @@ class ModelFileError(ValueError):
 
 
 def display(url: str) -> str:
-    """The URL without user:password@ and without a query string (signatures, tokens)."""
-    url = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", url)
-    return url.split("?", 1)[0]
+    """The URL as messages and specs show it: without credentials or signatures (`redact`)."""
+    return redact(url)
 
 
 def is_remote(ref: str) -> bool:
@@ -123,7 +124,7 @@ def _checked(path: str, sha256: str, what: str, where: str) -> str:
 def _fetch(url: str, sha256: str, target: Path, what: str, mirrors: list[str]) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    fd, tmp = temp_file(str(target.parent), prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb") as src:
             for block in iter(lambda: src.read(1 << 20), b""):
@@ -140,7 +141,7 @@ def _fetch(url: str, sha256: str, target: Path, what: str, mirrors: list[str]) -
         os.unlink(tmp)
         searched = ", ".join(mirrors) or "none configured"
         raise ModelFileError(
-            f"{what}: cannot fetch {display(url)} ({type(err).__name__}: {str(err).splitlines()[0][:200]}) and "
+            f"{what}: cannot fetch {display(url)} ({type(err).__name__}: {redact(str(err)).splitlines()[0][:200]}) and "
             f"no mirror holds sha256 {sha256[:12]}… (mirrors searched: {searched}). Offline? Put the file in a "
             f"folder and name it with `run.model_mirror = [\"DIR\"]` or {MIRROR_ENV}=DIR") from None
     return str(target)

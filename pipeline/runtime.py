@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -89,6 +90,77 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
         ctx.print_on_execution_start = False
     except Exception:  # pragma: no cover - older/newer Ray
         pass
+
+
+class UnsatisfiableError(ValueError):
+    """A resource request no node of the cluster can meet: Ray would queue it forever, silently."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `count` units (teach actors, train workers) each ask Ray for: resource → (config key, amount)."""
+
+    amounts: dict[str, tuple[str, float]]
+    count: int = 1
+    count_key: str = ""
+
+
+def teacher_request(name: str, tcfg) -> Request:
+    """One actor of teacher `name` (actors run one at a time if need be, so one must fit)."""
+    key = f"teachers.{name}"
+    amounts = {"CPU": (f"{key}.num_cpus", tcfg.num_cpus), "GPU": (f"{key}.num_gpus", tcfg.num_gpus),
+               "memory": (f"{key}.memory", tcfg.memory or 0),
+               **{r: (f"{key}.resources.{r}", v) for r, v in tcfg.resources.items()}}
+    return Request(amounts)
+
+
+def worker_request(train) -> Request:
+    """`train.workers` DDP workers, all of which must run at once."""
+    amounts = {"CPU": ("train.cpus_per_worker", train.cpus_per_worker),
+               "GPU": ("train.gpus_per_worker", train.gpus_per_worker),
+               **{r: (f"train.resources_per_worker.{r}", v) for r, v in train.resources_per_worker.items()}}
+    return Request(amounts, train.workers, "train.workers")
+
+
+def require_resources(requests: list[Request]) -> None:
+    """Refuse, before any work, a request the connected cluster can never meet (a GPU on a CPU machine, a
+    custom resource no node has, more CPUs than any node): Ray would wait for it forever. Checked against
+    the nodes alive now (a local cluster's are all it will ever have); call after `init_ray`."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for req in requests:
+        need = {r: (k, float(v)) for r, (k, v) in req.amounts.items() if v and v > 0}
+        for r, (key, amount) in need.items():
+            largest = max((n.get(r, 0.0) for n in nodes), default=0.0)
+            if largest < amount:
+                raise UnsatisfiableError(
+                    f"{key} = {_amount(r, amount)} can never be met: no node of the Ray cluster has "
+                    f"{_amount(r, amount)} {r} (it has {_cluster(nodes)}); lower it, or connect to a cluster "
+                    f"that has it (--address / run.ray_address)")
+        fits = sum(int(min((n.get(r, 0.0) / a for r, (_, a) in need.items()), default=req.count)) for n in nodes)
+        if fits < req.count:
+            keys = " and ".join(f"{k} = {_amount(r, a)}" for r, (k, a) in need.items())
+            raise UnsatisfiableError(
+                f"{req.count_key or 'the request'} = {req.count} with {keys} each can never be met: the Ray "
+                f"cluster fits {fits} at once (it has {_cluster(nodes)}); lower them, or connect to a larger "
+                f"cluster (--address / run.ray_address)")
+
+
+def _amount(resource: str, value: float) -> str:
+    return f"{value / 2**30:.1f} GiB" if resource == "memory" else f"{value:g}"
+
+
+def _cluster(nodes: list[dict]) -> str:
+    """'1 node: 2 CPU, 0 GPU, 15.0 GiB memory' (+ custom resources): what a request is compared with."""
+    total: dict[str, float] = {}
+    for n in nodes:
+        for r, v in n.items():
+            if not r.startswith("node:") and r != "object_store_memory":
+                total[r] = total.get(r, 0.0) + v
+    parts = [f"{total.pop('CPU', 0):g} CPU", f"{total.pop('GPU', 0):g} GPU",
+             f"{total.pop('memory', 0) / 2**30:.1f} GiB memory", *(f"{v:g} {r}" for r, v in sorted(total.items()))]
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: {', '.join(parts)}"
 
 
 def shutdown_ray() -> None:

@@ -3,7 +3,9 @@
 A `Root` is tiny and picklable (URL + storage options), so Ray tasks rebuild it on any node. Writes
 are atomic per object: local files are written to a temporary name and renamed; object stores
 (s3, gcs) make an object visible only when its upload completes; memory:// writes are in-process.
-Credentials are never stored here: s3fs reads them from the environment.
+Credentials are never stored here: s3fs reads them from the environment. A root URL that carries them
+(`s3://KEY:SECRET@bucket/run`) is split: they move into the storage options (memory only) and `url`, which
+every message and output shows, is the URL without them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,45 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DamagedFileError, parse_jsonl
+from pipeline.redact import split_credentials
+
+
+def temp_file(directory: str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
+    """A new temporary file in `directory`, opened for writing: (fd, path), as `tempfile.mkstemp`.
+
+    Why not mkstemp: it creates the file 0600, and a file renamed into place keeps that mode, so a
+    teammate on a shared run root could not read a checkpoint. Created 0666 here, the kernel applies
+    the umask exactly as for any other output (changing the umask to read it would race other threads).
+    """
+    while True:
+        path = os.path.join(directory, f"{prefix}{uuid.uuid4().hex[:12]}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def credential_options(url: str) -> tuple[str, dict]:
+    """(url without user:password@, the storage options that carry them for its filesystem)."""
+    clean, user, password = split_credentials(url)
+    if user is None:
+        return url, {}
+    proto = fsspec.utils.get_protocol(clean)
+    if proto in ("s3", "s3a"):
+        return clean, {"key": user, "secret": password}
+    if proto in ("http", "https"):
+        import aiohttp
+
+        return clean, {"client_kwargs": {"auth": aiohttp.BasicAuth(user, password or "")}}
+    return clean, {"username": user, "password": password}  # ftp, sftp, smb, webhdfs …
+
 
 class Root:
     def __init__(self, url: str, storage_options: dict | None = None):
+        url, secret = credential_options(url)
         self.url = url.rstrip("/") if url not in ("/",) else url
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = {**secret, **(storage_options or {})}
         self._fs = None
 
     def __reduce__(self):
@@ -74,11 +110,21 @@ class Root:
         return self.fs.cat_file(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any:
-        return json.loads(self.read_bytes(*parts))
+        try:
+            return json.loads(self.read_bytes(*parts))
+        except ValueError as err:  # not JSON, or not text: name the file and its repair
+            raise DamagedFileError(self.uri(*parts), "/".join(parts), f"not valid JSON: {err}") from None
+
+    def read_jsonl(self, *parts: str) -> list[dict]:
+        """A JSON-lines log; a last line cut short by a crash is dropped (see `errors.parse_jsonl`)."""
+        return parse_jsonl(self.read_bytes(*parts), self.uri(*parts), "/".join(parts))
 
     def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(self.path(*parts), "rb") as f:
-            return pq.read_table(f, columns=columns)
+            try:
+                return pq.read_table(f, columns=columns)
+            except pa.ArrowInvalid:  # truncated or not Parquet: name the file and its repair
+                raise DamagedFileError(self.uri(*parts), "/".join(parts), "not a readable Parquet file") from None
 
     def listdir(self, *parts: str) -> list[str]:
         """Base names directly under a folder ([] if it does not exist)."""
@@ -101,9 +147,11 @@ class Root:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, target)
-            except BaseException:
+            except BaseException as err:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)  # a failed write leaves nothing behind, not a stray .tmp-* file
+                if isinstance(err, OSError) and err.filename is None:
+                    err.filename = target  # a full disk says which file it was writing
                 raise
         else:
             self.fs.pipe_file(target, data)

@@ -1,10 +1,11 @@
 """Small pure functions on cached targets, shared by the score stage and training.
 
-* `fit_affine` — closed-form masked least squares `s·x + t ≈ y` (the standard alignment).
+* `fit_affine` — closed-form masked least squares `s·x + t ≈ y`, s ≥ 0 (the standard alignment).
 * `canonical` — maps a disparity map to a fixed frame, 1 + (x − p2)/(p98 − p2) (so ≈ [1, 2]).
   AbsRel in this frame is invariant to any affine map a·x + b (a > 0) of either input, which a
   quality score must be: teachers' disparities come in arbitrary scale and shift.
-* `aligned_absrel` — AbsRel of x aligned to ref by least squares, in ref's canonical frame.
+* `aligned_absrel` — AbsRel of x aligned to ref by least squares, in ref's canonical frame
+  (`aligned_fit` also says whether the pair is anti-correlated: a negative scale is disagreement).
 * `cut_box` — a fractional box of a map, resampled to a given size (the student/teacher crop rule).
 * `mix_targets` — the pixel-wise weighted average of aligned teacher maps (the paper's "Avg." arm).
 """
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 
-def fit_affine(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """Least-squares scale and shift with s·x + t ≈ y on mask. A constant x gets s = 0, t = mean(y)."""
+def fit_affine_signed(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Unconstrained least-squares s·x + t ≈ y on mask; s < 0 means x and y are anti-correlated."""
     xv, yv = x[mask].astype(np.float64), y[mask].astype(np.float64)
     if xv.size == 0:
         return 0.0, 0.0
@@ -25,6 +26,19 @@ def fit_affine(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, f
     var = ((xv - xm) ** 2).sum()
     s = ((xv - xm) * (yv - ym)).sum() / var if var > 1e-12 * max(1.0, xv.size * xm * xm) else 0.0
     return float(s), float(ym - s * xm)
+
+
+def fit_affine(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Least-squares scale and shift with s·x + t ≈ y on mask, s ≥ 0. A constant x gets s = 0, t = mean(y).
+
+    Disparities of the same scene never relate by a negative scale: letting the fit flip a map would
+    make a sign-inverted teacher (a depth model read as disparity) agree perfectly. Under s ≥ 0 the
+    optimum of an anti-correlated pair is s = 0, t = mean(y): no better than a flat map.
+    """
+    s, t = fit_affine_signed(x, y, mask)
+    if s < 0:
+        return 0.0, float(y[mask].astype(np.float64).mean())
+    return s, t
 
 
 def canonical(ref: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
@@ -39,15 +53,23 @@ def canonical(ref: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
 
 
 def aligned_absrel(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    """AbsRel of x fitted to ref (scale+shift), in ref's canonical frame. NaN if undefined."""
+    """AbsRel of x fitted to ref (scale ≥ 0 + shift), in ref's canonical frame. NaN if undefined."""
+    return aligned_fit(x, ref, mask)[0]
+
+
+def aligned_fit(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> tuple[float, bool]:
+    """(aligned AbsRel, whether x is anti-correlated with ref): one canonical frame for both answers."""
     mask = mask & np.isfinite(x) & np.isfinite(ref)
     ref_c = canonical(ref, mask)
     if ref_c is None:
-        return float("nan")
-    s, t = fit_affine(x, ref_c, mask)
+        return float("nan"), False
+    s, t = fit_affine_signed(x, ref_c, mask)
+    anti = s < 0
+    if anti:
+        s, t = 0.0, float(ref_c[mask].mean())
     # The floor is fixed in the canonical frame, so it keeps the affine invariance (outliers far below p2).
     err = np.abs(s * x[mask].astype(np.float64) + t - ref_c[mask]) / np.maximum(ref_c[mask], 0.1)
-    return float(err.mean())
+    return float(err.mean()), bool(anti)
 
 
 def cut_box(m: np.ndarray, box, size: int) -> np.ndarray:
@@ -82,7 +104,9 @@ def mix_targets(maps: list[np.ndarray], valids: list[np.ndarray], weights: list[
         if w <= 0:
             continue
         both = v & valids[ref_i]
-        s, t = fit_affine(m, ref_c, both)
+        s, t = fit_affine_signed(m, ref_c, both)
+        if s < 0:
+            continue  # anti-correlated with the reference: disagreement, not a map to flip and average in
         aligned.append(np.where(v, s * m.astype(np.float64) + t, np.nan))
         masks.append(v)
         ws.append(w)

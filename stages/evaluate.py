@@ -26,8 +26,11 @@ The protocol (REFERENCE.md §5, DESIGN.md §8), per image, batch size 1 as Marig
    per-family means, as the realeval README asks; the plain per-image mean is kept as `sample_mean`.
 
 Failures are scored, never skipped: a NaN/inf pixel counts as the worst admissible value, a flat
-prediction gets the flat least-squares fit (student/metrics.py). A sample with no valid GT pixel has
-no score (a data problem): it still gets its row in per_sample.csv and is counted in `n_no_gt`.
+prediction gets the flat least-squares fit (student/metrics.py). A sample whose GT has fewer than
+`eval.min_valid_pixels` valid pixels (none at all: all NaN, zero or negative) has no score — a data
+problem, and a fit of 2 parameters to a handful of pixels scores ≈ 0 — and neither has an image the
+loader found no GT for: each gets its row in per_sample.csv with the reason in `skipped`, is listed
+in metrics.json (`skipped`, `n_skipped`) and is named on the console.
 
 Every dataset is also scored with the `constant` and `vertical_ramp` baselines
 (`student.metrics.baseline_predictions`) through exactly the same code, with per-image win counts of
@@ -57,8 +60,9 @@ import fsspec
 import numpy as np
 import torch
 
-from pipeline.config import DadConfig
+from pipeline.config import DadConfig, EvalCfg
 from pipeline.datasets import EvalDataset, EvalSample, open_dataset
+from pipeline.redact import redact_tree
 from pipeline.storage import Root
 from student.infer import predict_disparity
 from student.metrics import METRIC_KEYS, align, align_disparity, baseline_predictions, evaluate_prediction
@@ -70,7 +74,11 @@ BASELINES = ("constant", "vertical_ramp")
 WIN_METRIC = "abs_rel"  # lower is better
 FIT_MAX_RES = {"eth3d": 1024}  # Marigold `alignment_max_res` per dataset (REFERENCE.md §5.3)
 ERROR_CAP = 0.5  # pictures: per-pixel relative error shown on [0, ERROR_CAP]
-CSV_COLUMNS = (["dataset", "id", "family", "gt_type", "height", "width", "n_valid", "space", "failure",
+MIN_VALID_PIXELS = EvalCfg.model_fields["min_valid_pixels"].default
+# Why a sample has no score (the `failure` of a skipped row): never a prediction's fault, always the data's.
+SKIPS = {"no_valid_gt": "no valid ground-truth pixel", "few_valid_gt": "too few valid ground-truth pixels",
+         "no_gt": "no ground truth"}
+CSV_COLUMNS = (["dataset", "id", "family", "gt_type", "height", "width", "n_valid", "space", "failure", "skipped",
                 *METRIC_KEYS, "scale", "shift"]
                + [f"{b}_{k}" for b in BASELINES for k in SUMMARY_KEYS]
                + [f"vs_{b}" for b in BASELINES])
@@ -260,23 +268,46 @@ def _picture_indices(n: int, k: int) -> set[int]:
     return {int(i) for i in np.linspace(0, n - 1, min(k, n)).round()}
 
 
+def _skipped_row(label: str, sid: str, family: str, failure: str, reason: str,
+                 sample: EvalSample | None = None, n_valid: int = 0) -> dict:
+    """The per-sample row of a sample that has no score: NaN metrics, the reason in `skipped`."""
+    nan = math.nan
+    row = {"dataset": label, "id": sid, "family": family, "gt_type": sample.gt_type if sample else "",
+           "height": int(sample.gt.shape[0]) if sample else None, "width": int(sample.gt.shape[1]) if sample else None,
+           "n_valid": n_valid, "space": "", "failure": failure, "skipped": reason,
+           **{k: nan for k in METRIC_KEYS}, "scale": nan, "shift": nan}
+    row.update({f"{b}_{k}": nan for b in BASELINES for k in SUMMARY_KEYS})
+    row.update({f"vs_{b}": "" for b in BASELINES})
+    return row
+
+
+def _too_few(n_valid: int, min_valid_pixels: int) -> tuple[str, str]:
+    if n_valid == 0:
+        return "no_valid_gt", "no valid ground-truth pixel (all missing, zero, negative, non-finite or out of range)"
+    return "few_valid_gt", f"{n_valid} valid ground-truth pixels < eval.min_valid_pixels = {min_valid_pixels}"
+
+
 def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "disparity", resolution: int = 518,
              max_samples: int | None = None, pictures: int = 0,
              on_picture: Callable[[str, bytes], None] | None = None, device: str | torch.device = "cpu",
-             label: str | None = None, on_sample: Callable[[dict], None] | None = None
-             ) -> tuple[list[dict], dict]:
+             label: str | None = None, on_sample: Callable[[dict], None] | None = None,
+             min_valid_pixels: int = MIN_VALID_PIXELS) -> tuple[list[dict], dict]:
     """Evaluate `predict_fn` on one dataset; no files are written. Returns (per-sample rows, summary).
 
     predict_fn: (B,3,h,w) float in [0,1] (h, w multiples of 14, short side `resolution`) →
     (B,h',w') disparity (any size: it is resized to the GT bilinearly). `dataset`: an EvalDataset or
     a `kind:PATH` spec. `max_samples` evaluates the first N only (recorded in the summary).
     `pictures` (with `on_picture(file_stem, png_bytes)`) renders that many samples spread evenly over
-    the dataset. `on_sample(row)` is called after each sample (progress bars).
+    the dataset. `on_sample(row)` is called after each sample (progress bars). A sample with fewer
+    than `min_valid_pixels` valid GT pixels is not predicted nor averaged: its row names the reason,
+    as do the rows of entries the loader could not pair (`skipped_items`); the summary lists them all.
     """
     ds = open_dataset(dataset) if isinstance(dataset, str) else dataset
     label = label or ds.name
     if resolution < 14 or resolution % 14:
         raise ValueError(f"resolution must be a positive multiple of 14, got {resolution}")
+    if min_valid_pixels < 1:
+        raise ValueError(f"min_valid_pixels must be at least 1, got {min_valid_pixels}")
     n_listed = len(ds)
     n = n_listed if max_samples is None else min(n_listed, int(max_samples))
     fit_max_res = _fit_max_res(ds)
@@ -286,25 +317,33 @@ def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "di
     t0 = time.time()
     for i in range(n):
         sample = ds[i]
+        n_valid = int((sample.valid & (sample.gt > 0) & np.isfinite(sample.gt)).sum())
+        if n_valid < min_valid_pixels:
+            rows.append(_skipped_row(label, sample.id, sample.family, *_too_few(n_valid, min_valid_pixels),
+                                     sample=sample, n_valid=n_valid))
+            if on_sample is not None:
+                on_sample(rows[-1])
+            continue
         pred = predict_disparity(predict_fn, sample.rgb, resolution, device=device)
         res = score_sample(pred, sample, align, *rng, fit_max_res)
         row = {"dataset": label, "id": sample.id, "family": sample.family, "gt_type": sample.gt_type,
                "height": int(sample.gt.shape[0]), "width": int(sample.gt.shape[1]), "n_valid": res["n_valid"],
-               "space": res["space"], "failure": res["failure"],
+               "space": res["space"], "failure": res["failure"], "skipped": "",
                **{k: res[k] for k in METRIC_KEYS}, "scale": res["scale"], "shift": res["shift"]}
         for b, base_pred in baseline_predictions(sample.gt.shape).items():
             bres = score_sample(base_pred, sample, align, *rng, fit_max_res)
             row.update({f"{b}_{k}": bres[k] for k in SUMMARY_KEYS})
-            row[f"vs_{b}"] = _versus(row[WIN_METRIC], row[f"{b}_{WIN_METRIC}"]) if res["n_valid"] else ""
-        if res["n_valid"] == 0:
-            row["failure"] = "no_valid_gt"
+            row[f"vs_{b}"] = _versus(row[WIN_METRIC], row[f"{b}_{WIN_METRIC}"])
         rows.append(row)
-        if i in want_pics and res["n_valid"]:
+        if i in want_pics:
             png = render_picture(sample, pred, res, align, label, *rng, fit_max_res)
             on_picture(f"{safe_name(label)}_{safe_name(sample.id)}", png)
         if on_sample is not None:
             on_sample(row)
-    scored = [r for r in rows if r["n_valid"] > 0]
+    rows.extend(_skipped_row(label, sid, fam, "no_gt", reason) for sid, fam, reason in ds.skipped_items)
+    scored = [r for r in rows if not r["skipped"]]
+    skipped = [{"id": r["id"], "family": r["family"], "failure": r["failure"], "reason": r["skipped"]}
+               for r in rows if r["skipped"]]
     summary = {"dataset": label, **aggregate(scored)}
     summary["baselines"] = {b: aggregate(scored, prefix=f"{b}_") for b in BASELINES}
     summary["wins"] = {b: {plural: sum(r[f"vs_{b}"] == v for r in scored)
@@ -312,11 +351,11 @@ def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "di
                        for b in BASELINES}
     summary["win_metric"] = WIN_METRIC
     summary.update({
-        "n_listed": n_listed, "n_no_gt": len(rows) - len(scored), "skipped_by_loader": ds.skipped,
-        "max_samples": max_samples,
+        "n_listed": n_listed, "n_no_gt": sum(r["failure"] == "no_valid_gt" for r in rows),
+        "skipped_by_loader": ds.skipped, "max_samples": max_samples, "n_skipped": len(skipped), "skipped": skipped,
         "failures": {f: sum(r["failure"] == f for r in rows)
-                     for f in ("nonfinite", "partial_nonfinite", "constant", "no_valid_gt")},
-        "protocol": {"align": align, "resolution": resolution,
+                     for f in ("nonfinite", "partial_nonfinite", "constant", *SKIPS)},
+        "protocol": {"align": align, "resolution": resolution, "min_valid_pixels": min_valid_pixels,
                      "fit": "per-image least-squares scale and shift", "resize": "bilinear to GT size",
                      "depth_range": [ds.min_depth, ds.max_depth], "fit_max_res": fit_max_res,
                      "stereo_disparity_gt": "fitted and scored in disparity",
@@ -435,6 +474,17 @@ def print_table(name: str, results: dict[str, dict]) -> None:
     Console().print(table)
 
 
+def skipped_message(name: str, label: str, summary: dict) -> str:
+    """One console line: how many samples have no score, why, which (the first few), and where they are listed."""
+    counts = {f: sum(s["failure"] == f for s in summary["skipped"]) for f in SKIPS}
+    why = ", ".join(f"{k} {SKIPS[f]}" + (f" (< eval.min_valid_pixels = {summary['protocol']['min_valid_pixels']})"
+                                          if f == "few_valid_gt" else "") for f, k in counts.items() if k)
+    ids = [s["id"] for s in summary["skipped"]]
+    first = ", ".join(ids[:3]) + (", …" if len(ids) > 3 else "")
+    return (f"eval {name} on {label}: {summary['n_skipped']} of {summary['n'] + summary['n_skipped']} samples skipped, "
+            f"not scored — {why} ({first}); each is listed with its reason in eval/{name}/per_sample.csv and metrics.json")
+
+
 def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = None,
         datasets: list[str] | None = None, name: str | None = None, **_: object) -> dict:
     """Evaluate and write eval/<name>/. Without checkpoint and teacher (as `dad run` calls it) the run's
@@ -472,15 +522,19 @@ def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = Non
             task = bar.tasks[0].id
             rows, summary = evaluate(predict_fn, ds, align=e.align, resolution=e.resolution,
                                      max_samples=e.max_samples, pictures=e.pictures, on_picture=save_picture,
-                                     device=device, label=label, on_sample=lambda _row, bar=bar, task=task: bar.advance(task))
+                                     device=device, label=label, on_sample=lambda _row, bar=bar, task=task: bar.advance(task),
+                                     min_valid_pixels=e.min_valid_pixels)
         summary["spec"] = spec
         results[label] = summary
         all_rows.extend(rows)
         log.info("eval %s on %s: n=%d AbsRel=%.4f δ1=%.4f", name, label, summary["n"], summary["abs_rel"],
                  summary["delta1"])
+        if summary["n_skipped"]:
+            log.warning("%s", skipped_message(name, label, summary))
     root.write_bytes(per_sample_csv(all_rows), "eval", name, "per_sample.csv")
-    metrics = {"name": name, "model": model_info, "datasets": results,
-               "protocol": {"align": e.align, "resolution": e.resolution, "max_samples": e.max_samples},
+    metrics = {"name": name, "model": redact_tree(model_info), "datasets": results,  # no URL credentials
+               "protocol": {"align": e.align, "resolution": e.resolution, "max_samples": e.max_samples,
+                            "min_valid_pixels": e.min_valid_pixels},
                "seconds": round(time.time() - t0, 2)}
     root.write_json(_json_clean(metrics), "eval", name, "metrics.json")  # last: the completion marker
     print_table(name, results)

@@ -16,7 +16,6 @@ import logging
 import os
 import posixpath
 import re
-import tempfile
 import time
 import warnings
 
@@ -26,7 +25,7 @@ import torch
 
 from pipeline.config import DadConfig
 from pipeline.models import digest, is_remote
-from pipeline.storage import Root
+from pipeline.storage import Root, temp_file
 from stages.evaluate import BASELINES, resolve_checkpoint, safe_name
 
 log = logging.getLogger("dad.export")
@@ -56,7 +55,7 @@ def export_onnx(model, path: str, opset: int = OPSET) -> dict:
                          "as constants): train it with student.input_size = [H, W], as the quickstart does")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".onnx")
+    fd, tmp = temp_file(directory, suffix=".onnx")
     os.close(fd)
     try:
         # The TorchScript exporter (dynamo=False) needs no onnxscript and keeps the student's shape

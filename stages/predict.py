@@ -10,13 +10,15 @@ Two inputs with the same stem get `<stem>-2`, `<stem>-3`, … (logged). Predicti
 path (student/infer.py): short side `resolution` at multiples of 14, bicubic, predict, bilinear back
 to the original size; images of the same size are batched. Files that cannot be read or decoded
 (`pipeline.images.decode_rgb`: corrupt, not an image, decompression bomb) are reported and skipped;
-they never stop the run. Teacher outputs are converted to disparity.
+they never stop the run. Teacher outputs are converted to disparity. An output that would replace
+an input (`--out` naming the input folder) is refused before anything is read or written.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import time
 
@@ -24,6 +26,7 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DadConfig
 from pipeline.images import Rejected, decode_rgb, encode
@@ -81,6 +84,31 @@ def unique_stems(urls: list[str]) -> list[str]:
     return stems
 
 
+def output_names(stem: str, side_by_side: bool) -> list[str]:
+    return [f"{stem}.npy", f"{stem}.png"] + ([f"{stem}_side.png"] if side_by_side else [])
+
+
+def _identities(url: str) -> set[str]:
+    """Every name under which writing `url` would replace a file: local paths with their folder's
+    symlinks resolved (and the file's own target), other stores by their full URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        return {fs.unstrip_protocol(path)}
+    return {os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)), os.path.realpath(path)}
+
+
+def refuse_overwrites(files: list[str], stems: list[str], out: Root, side_by_side: bool) -> None:
+    """Refuse, before anything is read or written, an output that would replace an input: `--out`
+    pointing at the input folder would otherwise turn photos into colour maps, silently."""
+    inputs = {key: f for f in files for key in _identities(f)}
+    for stem in stems:
+        for name in output_names(stem, side_by_side):
+            hit = next((inputs[k] for k in _identities(out.uri(name)) if k in inputs), None)
+            if hit is not None:
+                raise ValueError(f"--out {out.url}: its {name} would overwrite the input image {hit}; "
+                                 f"write the predictions to a folder that holds no input (e.g. --out {out.url}-depth)")
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -113,11 +141,12 @@ def run(inputs: list[str], out_dir: str, checkpoint: str | None = None, teacher:
         console.print(f"[yellow]skipped[/] {f['input']}: {f['reason']}")
     if not files:
         raise FileNotFoundError(f"no input images found in {list(inputs)}")
+    out = Root(out_dir)
+    stems = unique_stems(files)
+    refuse_overwrites(files, stems, out, side_by_side)
     device = default_device()
     predict_fn, _, _ = load_predictor(checkpoint, teacher, cfg, device=device)
-    out = Root(out_dir)
     max_pixels = cfg.corpus.max_pixels if cfg is not None else DEFAULT_MAX_PIXELS
-    stems = unique_stems(files)
     buckets: dict[tuple[int, int], list[tuple[str, str, np.ndarray]]] = {}
     written: list[str] = []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import time
 
@@ -229,7 +228,9 @@ def train_section(root: Root) -> str:
     for name in root.listdir("train"):
         if not root.exists("train", name, "metrics.jsonl"):
             continue
-        hist = [json.loads(x) for x in root.read_bytes("train", name, "metrics.jsonl").decode().splitlines() if x]
+        hist = root.read_jsonl("train", name, "metrics.jsonl")  # a line cut short by a crash is dropped
+        if not hist:
+            continue
         steps = [h["step"] for h in hist]
         losses = {k.removeprefix("loss_"): (steps, [h[k] for h in hist]) for k in hist[0] if k.startswith("loss_")}
         parts.append(f"<h3>{html.escape(name)}</h3>")
@@ -237,7 +238,7 @@ def train_section(root: Root) -> str:
         spread = {"median": (steps, [h["pred_median"] for h in hist]), "spread": (steps, [h["pred_spread"] for h in hist])}
         parts.append(_img(line_plot(spread, "student output range (scale drift watch)", "disparity"), "range"))
         if root.exists("train", name, "val.jsonl"):
-            val = [json.loads(x) for x in root.read_bytes("train", name, "val.jsonl").decode().splitlines() if x]
+            val = root.read_jsonl("train", name, "val.jsonl")
             vs = [v["step"] for v in val]
             curves = {"AbsRel": (vs, [v["val_abs_rel"] for v in val]), "δ1": (vs, [v["val_delta1"] for v in val])}
             parts.append(_img(line_plot(curves, f"validation ({val[-1]['val_n']} held-out images)", "metric"),
@@ -252,6 +253,9 @@ def score_section(root: Root) -> str:
         parts.append(f"<p>Policy <b>{html.escape(s['policy'])}</b>: {s['kept']} samples kept, {s['dropped']} dropped"
                      + (f"; excluded by licence: {', '.join(s['excluded_by_license'])}" if s["excluded_by_license"] else "")
                      + ".</p>")
+        for n, frac in s.get("anticorrelated", {}).items():
+            parts.append(f"<p><b>Warning:</b> teacher <b>{html.escape(n)}</b> runs against the other teachers on "
+                         f"{100 * frac:.0f} % of samples: check <code>teachers.{html.escape(n)}.output_space</code>.</p>")
     for png in ("metrics_hist.png", "selection_share.png"):
         if root.exists("scores", "plots", png):
             parts.append(_img(root.read_bytes("scores", "plots", png), png))
@@ -282,8 +286,10 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
     g = cfg.crops.global_size
     wanted = {r["row"] for r in rows}
     images = {}
+    from stages.shard import tar_record
+
     for shard in sorted({r["shard"] for r in rows}):
-        for rec, region in iter_shard(root, shard):
+        for rec, region in iter_shard(root, shard, expect=tar_record(root, cfg, shard)):  # checked before use
             if rec["row"] in wanted:
                 images[rec["row"]] = resize(region, (g, g))
     for i, r in enumerate(rows):
@@ -307,7 +313,7 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
 def run(cfg: DadConfig, **_: object) -> dict:
     t0 = time.time()
     root = Root(cfg.run.root)
-    body = [f"<h1>dad run report</h1><p class=muted>{html.escape(cfg.run.root)} — {time.strftime('%Y-%m-%d %H:%M')}</p>",
+    body = [f"<h1>dad run report</h1><p class=muted>{html.escape(root.url)} — {time.strftime('%Y-%m-%d %H:%M')}</p>",
             f'<p class="note">{NOTE_ZOO}</p>' if any(t.adapter == "checkpoint" for t in cfg.teachers.values()) else "",
             licence_note(root, cfg),
             stage_section(root), eval_section(root, cfg), heldout_grid(root, cfg), picture_grid(root, cfg), train_section(root), score_section(root)]

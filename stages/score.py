@@ -12,6 +12,9 @@ Metrics (per sample and teacher, on disparity; one Ray task per corpus shard, ea
 
 Every AbsRel is measured in the reference's canonical frame (`pipeline.targets.canonical`), so all
 metrics are invariant to affine maps of a teacher's output — teachers differ in scale and shift.
+Only positive scales: a negative fitted scale is disagreement (scored as a flat map), and
+`anticorrelated` (share of the other teachers a map runs against) flags a sign-inverted teacher in
+`scores/selection_summary.json` and on the console.
 
 Selection (`scores/selection.parquet`, recomputed from `scores.parquet` alone, in seconds, when only
 the policy changes): per sample, the probability `p_<teacher>` that a training step uses it.
@@ -33,11 +36,12 @@ import pyarrow as pa
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.config import DadConfig, ScoreCfg, fingerprint
 from pipeline.corpus import manifest, shard_name
-from pipeline.ledger import Ledger, check_recorded, stage_lock
+from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
 from pipeline.runtime import executor_for
 from pipeline.storage import Root
-from pipeline.targets import aligned_absrel, cut_box
-from stages.teach import cell_fingerprint
+from pipeline.targets import aligned_absrel, aligned_fit, cut_box
+from stages.shard import require_intact_corpus
+from stages.teach import cell_fingerprint, require_intact_metadata
 from stages.teachers import spec_for
 
 log = logging.getLogger("dad.score")
@@ -98,11 +102,12 @@ def score_shard(shard: int, root: Root, cfg: DadConfig, fp: str) -> dict:
         per = {n: pair_metrics(data[n][0][i], data[n][1][i], data[n][2][i], data[n][3][i], smp["boxes"], cfg.score)
                for n in names}
         for n in names:
-            others = [aligned_absrel(data[n][0][i], data[o][0][i], data[n][1][i] & data[o][1][i])
-                      for o in names if o != n and not per[o]["collapsed"]]
-            others = [v for v in others if np.isfinite(v)]
+            fits = [aligned_fit(data[n][0][i], data[o][0][i], data[n][1][i] & data[o][1][i])
+                    for o in names if o != n and not per[o]["collapsed"]]
+            fits = [(v, anti) for v, anti in fits if np.isfinite(v)]
             out.append({"sample_id": smp["sample_id"], "row": smp["row"], "shard": shard, "teacher": n,
-                        "agreement": float(np.median(others)) if others else None, **per[n]})
+                        "agreement": float(np.median([v for v, _ in fits])) if fits else None, **per[n],
+                        "anticorrelated": float(np.mean([a for _, a in fits])) if fits else None})
     root.write_table(pa.Table.from_pylist(out, schema=SCORE_SCHEMA), "scores", "parts", f"{shard_name(shard)}.parquet")
     Ledger(root).mark(STAGE, "metrics", shard_name(shard), fp, {"rows": len(out)})
     return {"rows": len(out)}
@@ -112,6 +117,7 @@ SCORE_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("row", pa.int64()), ("shard", pa.int32()), ("teacher", pa.string()),
     ("agreement", pa.float64()), ("lg_consistency", pa.float64()), ("valid_fraction", pa.float64()),
     ("collapsed", pa.bool_()), ("disp_p2", pa.float64()), ("disp_median", pa.float64()), ("disp_p98", pa.float64()),
+    ("anticorrelated", pa.float64()),
 ])
 
 
@@ -153,6 +159,24 @@ def probabilities(rows: list[dict], priors: dict[str, float], excluded: set[str]
     return {n: float(w.get(n, 0.0) / total) for n in names}
 
 
+def anticorrelated_teachers(scores: pa.Table) -> dict[str, float]:
+    """Teachers whose map runs against most of the other teachers' on most samples → share of samples.
+
+    Disparities of one scene never relate by a negative scale, so this is almost always a depth model
+    left at the default `output_space = "disparity"` (or a negated output). Scores written before the
+    `anticorrelated` column existed have no such column and flag nothing.
+    """
+    if "anticorrelated" not in scores.column_names:
+        return {}
+    counts: dict[str, list[int]] = {}
+    for t, a in zip(scores.column("teacher").to_pylist(), scores.column("anticorrelated").to_pylist()):
+        if a is not None and np.isfinite(a):
+            c = counts.setdefault(t, [0, 0])
+            c[0] += a > 0.5
+            c[1] += 1
+    return {t: round(k / n, 3) for t, (k, n) in sorted(counts.items()) if k / n > 0.5}
+
+
 def select(cfg: DadConfig, scores: pa.Table) -> tuple[pa.Table, dict]:
     s = cfg.score
     priors = {n: t.prior for n, t in cfg.teachers.items()}
@@ -174,7 +198,7 @@ def select(cfg: DadConfig, scores: pa.Table) -> tuple[pa.Table, dict]:
     table = pa.Table.from_pylist(out, schema=pa.schema(fields))
     share = {n: float(np.mean(table.column(f"p_{n}").to_numpy())) if table.num_rows else 0.0 for n in cfg.teachers}
     summary = {"policy": s.policy, "kept": table.num_rows, "dropped": dropped, "share": share,
-               "excluded_by_license": sorted(excluded)}
+               "excluded_by_license": sorted(excluded), "anticorrelated": anticorrelated_teachers(scores)}
     return table.replace_schema_metadata({"policy": s.policy, "mix": str(s.policy == "mix")}), summary
 
 
@@ -188,6 +212,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
         raise ValueError("no teachers configured: add a [teachers.<name>] section")
     check_recorded(root, cfg, STAGE)
     tfps = teacher_fps(cfg)
+    require_intact_corpus(root, cfg, shards=[])  # the manifest as `dad shard` wrote it (score reads no tar)
     shards = sorted(set(manifest(root, ["shard"]).column("shard").to_pylist()))
     for n, tfp in tfps.items():
         missing = [s for s in shards if shard_name(s) not in ledger.done("teach", n, tfp)]
@@ -195,7 +220,9 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
             raise FileNotFoundError(f"teacher {n!r} has no current targets for {len(missing)} shard(s): "
                                     f"run `dad teach --teacher {n}`")
     mfp = metrics_fingerprint(cfg, tfps)
-    with stage_lock(root, STAGE, break_lock=break_lock, command="dad score"):
+    with stage_lock(root, STAGE, break_lock=break_lock, command="dad score"), \
+            read_leases(root, "teach", list(cfg.teachers), "dad score", break_lock):  # no teach rewrites them meanwhile
+        require_intact_metadata(root, cfg, list(cfg.teachers), shards)
         done = ledger.done(STAGE, "metrics", mfp)
         todo = [s for s in shards if shard_name(s) not in done]
         if todo:
@@ -204,7 +231,8 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
                 pass
         if todo or not ledger.is_done(STAGE, "_", "scores", mfp):
             parts = [root.read_table("scores", "parts", f"{shard_name(s)}.parquet") for s in shards]
-            root.write_table(pa.concat_tables(parts), "scores", "scores.parquet")
+            # Parts scored before a column was added lack it: promote fills it with nulls.
+            root.write_table(pa.concat_tables(parts, promote_options="default"), "scores", "scores.parquet")
             ledger.mark(STAGE, "_", "scores", mfp)
         scores = root.read_table("scores", "scores.parquet")
         sfp = selection_fingerprint(cfg, mfp)
@@ -218,11 +246,30 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
             score_plots(root, scores, sel)
         except Exception as err:  # noqa: BLE001 - plots are for people; never fail the stage for them
             log.warning("score plots skipped: %s", err)
+    for line in anticorrelation_warnings(sel, list(cfg.teachers)):
+        log.warning("%s", line)
     if sel["excluded_by_license"]:
         log.info("licence filter: %s get probability 0 (score.exclude_licenses)", ", ".join(sel["excluded_by_license"]))
     return {"stage": STAGE, "shards": len(shards), "scored": len(todo), "policy": sel["policy"], "kept": sel["kept"],
             "dropped": sel["dropped"], **{f"share_{k}": round(v, 3) for k, v in sel["share"].items()},
+            **({"anticorrelated": ",".join(sel["anticorrelated"])} if sel["anticorrelated"] else {}),
             "seconds": round(time.time() - t0, 2)}
+
+
+def anticorrelation_warnings(sel: dict, teachers: list[str]) -> list[str]:
+    """Console lines for the teachers `anticorrelated_teachers` flagged. When every teacher is flagged
+    (two teachers: each runs against the other) the data cannot tell which one is upside down."""
+    flagged = sel.get("anticorrelated", {})
+    advice = ("check teachers.{n}.output_space (\"depth\" for a model that outputs depth), then rerun "
+              "`dad teach --teacher {n}` and `dad score`")
+    if len(flagged) > 1 and len(flagged) == len(teachers):
+        names = ", ".join(repr(n) for n in flagged)
+        return [f"teachers {names} run against each other on {100 * min(flagged.values()):.0f}% of samples or more "
+                f"(negative fitted scale): one of them is read upside down; for each, "
+                + advice.format(n="<name>")]
+    return [f"teacher {n!r} runs against the other teachers on {100 * frac:.0f}% of samples (negative fitted "
+            f"scale) yet gets {100 * sel['share'][n]:.0f}% of the selection: " + advice.format(n=n)
+            for n, frac in flagged.items()]
 
 
 def status(cfg: DadConfig, root: Root) -> list[dict]:

@@ -3,6 +3,9 @@
 1. **List** every source (folders, globs, tars, URI lists) and hash every entry in Ray tasks;
    `corpus/listing.parquet` records uri, sha256 and any early reject. Sample ids are content
    hashes, so exact duplicates collapse to one sample and the rest are recorded as duplicates.
+   Every URI is stored in its public form (`redact.public`: no credentials or signatures, odd names
+   escaped); the real ones live in memory only, and a resumed run lists the sources again to read
+   the entries whose forms differ (`private_for`).
 2. **Assign** unique samples to shards of `corpus.shard_size` in sample-id order (a content-hash
    order: shards mix sources, and the assignment depends on nothing but the inputs).
 3. **Write** one Ray task per unfinished shard: decode (rejecting bad images with a reason), draw
@@ -12,6 +15,19 @@
    number of workers or crashes in between.
 4. **Finalize**: concatenate the parts into `corpus/manifest.parquet`, `corpus/rejects.parquet`
    and `crops/plan.parquet`.
+
+Integrity (issue #19): every marker records the size and sha256 of the objects it vouches for
+(`objects`: a shard's tar and parts; the listing; the final files), which teach, score and train check
+before they read them. `dad shard` checks sizes (`--verify`: sha256) and rebuilds a cell that differs,
+but only into the bytes its marker recorded: a rebuild that differs (the sources changed) is refused.
+A marker written before digests existed has none: that shard is read unchecked, as before, and
+`dad shard --verify` rebuilds it and records its digest if the rebuild is byte-identical.
+
+Changed sources (issue #19): the listing records a cheap signature of the sources (each file's size and
+mtime, `corpus/sources.parquet`). `dad status` and `dad shard` compare it with the sources now and say
+what a rerun would add, drop or re-read. A listed corpus is never extended (the shard assignment,
+every cached target and score depend on the whole listing): `dad shard` refuses, and the current
+sources go into a new --root. A listing made before the signature existed is not compared.
 """
 
 from __future__ import annotations
@@ -24,15 +40,27 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.config import DadConfig, fingerprint
+from pipeline.corpus import (
+    ShardCorruptError,
+    check_object,
+    digest_of,
+    file_digest,
+    mismatch,
+    object_sizes,
+    shard_rel,
+)
 from pipeline.crops import PLAN_VERSION, plan_crops
 from pipeline.images import Rejected, decode_rgb, encode, resize
 from pipeline.ledger import Ledger, check_recorded, stage_lock
+from pipeline.redact import public
 from pipeline.runtime import executor_for
-from pipeline.sources import Unit, expand_sources, read_unit
+from pipeline.sources import Fetch, Unit, expand_sources, private_uris, read_unit, transport_options
 from pipeline.storage import Root
 
 log = logging.getLogger("dad.shard")
@@ -46,6 +74,12 @@ MANIFEST_SCHEMA = pa.schema([
     ("sha256", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("reason", pa.string())])
+FINAL_FILES = ("corpus/manifest.parquet", "corpus/rejects.parquet", "crops/plan.parquet")
+SIGNATURE = ("corpus", "sources.parquet")
+
+
+class SourcesChangedError(ValueError):
+    """The sources differ from those the corpus was listed from; the message says how."""
 
 
 def shard_fingerprint(cfg: DadConfig) -> str:
@@ -56,13 +90,14 @@ def shard_fingerprint(cfg: DadConfig) -> str:
 class ShardJob:
     shard: int
     items: list[tuple[str, str]]          # (uri, sha256) in shard order
+    expect: dict | None = None            # a repair: the tar must rebuild into exactly these bytes
 
 
 # -- step 1: listing ------------------------------------------------------------------------
 
-def hash_unit(unit: Unit, extensions: list[str]) -> list[dict]:
+def hash_unit(unit: Unit, extensions: list[str], fetch: Fetch | None = None) -> list[dict]:
     rows = []
-    for uri, data in read_unit(unit, extensions):
+    for uri, data in read_unit(unit, extensions, fetch=fetch):
         if isinstance(data, Rejected):
             rows.append({"uri": uri, "sha256": None, "nbytes": 0, "reason": str(data)})
         elif len(data) == 0:
@@ -74,11 +109,17 @@ def hash_unit(unit: Unit, extensions: list[str]) -> list[dict]:
 
 
 def list_corpus(root: Root, cfg: DadConfig, ex, ledger: Ledger, fp: str) -> pa.Table:
+    want = None
     if ledger.is_done(STAGE, "_", "listing", fp):
-        return root.read_table("corpus", "listing.parquet")
-    units, early = expand_sources(cfg.corpus.sources, cfg.corpus.extensions)
+        want = ledger.info(STAGE, "_", "listing", fp).get("objects", {}).get("corpus/listing.parquet")
+        why = want and check_object(root, "corpus/listing.parquet", want, deep=True)
+        if not why:
+            return root.read_table("corpus", "listing.parquet")
+        log.warning("shard: %s: listing the sources again", why.rsplit(":", 1)[0])
+    signature = source_signature(cfg.corpus.sources, cfg.corpus.timeout)  # before hashing: a file changed meanwhile shows later
+    units, early = expand_sources(cfg.corpus.sources, cfg.corpus.extensions, Fetch.of(cfg.corpus))
     rows = [{"uri": r["source_uri"], "sha256": None, "nbytes": 0, "reason": r["reason"]} for r in early]
-    hash_fn = partial(hash_unit, extensions=cfg.corpus.extensions)
+    hash_fn = partial(hash_unit, extensions=cfg.corpus.extensions, fetch=Fetch.of(cfg.corpus))
     for _, unit_rows in ex.map(hash_fn, units, description="listing"):
         rows.extend(unit_rows)
     rows.sort(key=lambda r: r["uri"])
@@ -91,9 +132,90 @@ def list_corpus(root: Root, cfg: DadConfig, ex, ledger: Ledger, fp: str) -> pa.T
                 first_by_hash[r["sha256"]] = r["uri"]
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("uri", pa.string()), ("sha256", pa.string()), ("nbytes", pa.int64()), ("reason", pa.string())]))
-    root.write_table(table, "corpus", "listing.parquet")
-    ledger.mark(STAGE, "_", "listing", fp, {"entries": len(rows)})
+    data = parquet_bytes(table)
+    if want is not None and digest_of(data) != want:  # a damaged listing is repaired only into what was recorded
+        raise ShardCorruptError(
+            f"corpus/listing.parquet is damaged and listing the sources again gives another listing: the "
+            f"sources changed since `dad shard` ({describe_changes(listing_changes(root, cfg) or {})}); "
+            f"restore them, or shard them into a new --root")
+    sig = parquet_bytes(pa.Table.from_pylist([{"uri": u, "stamp": st} for u, st in sorted(signature.items())],
+                                             schema=pa.schema([("uri", pa.string()), ("stamp", pa.string())])))
+    root.write_bytes(sig, *SIGNATURE)
+    root.write_bytes(data, "corpus", "listing.parquet")
+    objects = {"corpus/listing.parquet": digest_of(data), "/".join(SIGNATURE): digest_of(sig)}
+    # `private`: how many files or tars the listing names by a public form that is not their URI (credentials,
+    # odd names); a rerun that has shards left to write lists the sources again to read them (`private_for`).
+    ledger.mark(STAGE, "_", "listing", fp, {"entries": len(rows), "objects": objects,
+                                            "private": len(private_uris(units))})
     return table
+
+
+def private_for(cfg: DadConfig, ledger: Ledger, fp: str) -> dict[str, str]:
+    """public → real URI of the entries the listing stores only by their public form (in memory only). A
+    listing marker without `private` was written before public forms existed: it stored real URIs."""
+    if not ledger.info(STAGE, "_", "listing", fp).get("private"):
+        return {}
+    return private_uris(expand_sources(cfg.corpus.sources, cfg.corpus.extensions, Fetch.of(cfg.corpus))[0])
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as `Root.write_table` stores it, as bytes: what a marker's digest is taken of."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def source_signature(sources: list[str], timeout: float = Fetch.timeout) -> dict[str, str]:
+    """uri → "size mtime" of every file the sources name (a URI list: the list file itself; generated
+    sources: their spec). Metadata only, no file is read: cheap enough for every `dad status`. URIs in
+    their public form (no credentials), network waits bounded by `timeout` (corpus.timeout)."""
+    out: dict[str, str] = {}
+    for src in sources:
+        if src.startswith(("scenes:", "skimage:")):
+            out[src] = "generated"
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(src, **transport_options(src, timeout))
+            if any(c in src for c in "*?["):
+                found = fs.glob(path, detail=True)
+            elif fs.isdir(path):
+                found = fs.find(path, detail=True)
+            else:
+                found = {path: fs.info(path)} if fs.exists(path) else {}
+        except (OSError, ValueError):
+            continue  # unreadable now: its files count as removed
+        local = fsspec.utils.get_protocol(src) in ("file", "local") and "://" not in src
+        for p, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "updated", "created") if k in info), "")
+            out[public(p if local else fs.unstrip_protocol(p))] = f"{info.get('size')} {stamp}"
+    return out
+
+
+def listing_changes(root: Root, cfg: DadConfig) -> dict[str, list[str]] | None:
+    """What differs between the sources now and when they were listed: {"added", "removed", "modified"}
+    (uris, sorted; all empty: unchanged). None: the listing recorded no signature (made before it existed)."""
+    if not root.exists(*SIGNATURE):
+        return None
+    then = dict(zip(*root.read_table(*SIGNATURE).select(["uri", "stamp"]).to_pydict().values()))
+    now = source_signature(cfg.corpus.sources, cfg.corpus.timeout)
+    return {"added": sorted(set(now) - set(then)), "removed": sorted(set(then) - set(now)),
+            "modified": sorted(u for u in set(now) & set(then) if now[u] != then[u])}
+
+
+def describe_changes(changes: dict[str, list[str]], short: bool = False) -> str:
+    """"a rerun would add 2 file(s) (a.jpg, b.jpg), drop 1 (c.jpg) and re-read 1 modified (d.jpg)"."""
+    def some(uris: list[str]) -> str:
+        return "" if short else " (" + ", ".join(uris[:3]) + (", …" if len(uris) > 3 else "") + ")"
+
+    parts = [f"{verb} {len(changes[k])}{what}{some(changes[k])}"
+             for k, verb, what in (("added", "add", " file(s)"), ("removed", "drop", ""),
+                                   ("modified", "re-read", " modified"))
+             if changes.get(k)]
+    if not parts:
+        return "a rerun would change nothing"
+    return "a rerun would " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
 
 
 # -- step 2: assignment ---------------------------------------------------------------------
@@ -107,8 +229,10 @@ def assign(listing: pa.Table, shard_size: int) -> list[ShardJob]:
 
 # -- step 3: one shard ------------------------------------------------------------------------
 
-def _units_for(items: list[tuple[str, str]]) -> list[Unit]:
-    """Group a shard's items by how they are read (files, tars, generated sources)."""
+def _units_for(items: list[tuple[str, str]], private: dict[str, str] | None = None) -> list[Unit]:
+    """Group a shard's items by how they are read (files, tars, generated sources); `private` maps the
+    public form the listing stores back to the URI that is read (`private_for`)."""
+    private = private or {}
     generated = {"scenes": [], "skimage": []}
     files, tars = [], set()
     for uri, _ in items:
@@ -116,20 +240,22 @@ def _units_for(items: list[tuple[str, str]]) -> list[Unit]:
         if kind in generated:
             generated[kind].append(uri)
         elif ".tar#" in uri:  # `<tar-url>#<member>` (sources.read_unit); a plain file name may contain '#'
-            tars.add(uri[:uri.index(".tar#") + 4])
+            tars.add(private.get(uri[:uri.index(".tar#") + 4], uri[:uri.index(".tar#") + 4]))
         else:
-            files.append(uri)
+            files.append(private.get(uri, uri))
     units = ([Unit("files", files)] if files else []) + [Unit("tar", [t]) for t in sorted(tars)]
     return units + [Unit(kind, uris) for kind, uris in generated.items() if uris]
 
 
-def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str) -> dict:
-    """Read, validate, crop and encode one shard's samples; write tar + parts; then the marker."""
+def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dict[str, str] | None = None) -> dict:
+    """Read, validate, crop and encode one shard's samples; write tar + parts; then the marker, with
+    their digests. `job.expect` (a repair): the tar must rebuild into exactly those bytes, else nothing is
+    written — a shard that later stages were computed from is never replaced by different content."""
     c, k = cfg.corpus, cfg.crops
     wanted = {uri for uri, _ in job.items}
     blobs: dict[str, bytes | Rejected] = {}
-    for unit in _units_for(job.items):
-        for uri, data in read_unit(unit, c.extensions, wanted=wanted):
+    for unit in _units_for(job.items, private):
+        for uri, data in read_unit(unit, c.extensions, wanted=wanted, fetch=Fetch.of(c)):
             blobs[uri] = data
     manifest, rejects = [], []
     buf = io.BytesIO()
@@ -161,50 +287,162 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str) -> dict:
                        "json": json.dumps(row, sort_keys=True).encode()})
             manifest.append(row)
     name = f"{job.shard:06d}"
+    tar_digest = digest_of(buf.getvalue())
+    if job.expect is not None and tar_digest != job.expect:
+        raise ShardCorruptError(mismatch(
+            shard_rel(job.shard), tar_digest, job.expect, "rebuilt from its sources it differs, so the sources changed "
+            "since `dad shard`: restore them, or shard them into a new --root"))
+    parts = {f"corpus/parts/{name}.manifest.parquet": pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA),
+             f"corpus/parts/{name}.rejects.parquet": pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
+    objects = {shard_rel(job.shard): tar_digest}
     root.write_bytes(buf.getvalue(), "corpus", "shards", f"{name}.tar")
-    root.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), "corpus", "parts", f"{name}.manifest.parquet")
-    root.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), "corpus", "parts", f"{name}.rejects.parquet")
-    info = {"samples": len(manifest), "rejects": len(rejects)}
+    for rel, table in parts.items():
+        data = parquet_bytes(table)
+        root.write_bytes(data, rel)
+        objects[rel] = digest_of(data)
+    info = {"samples": len(manifest), "rejects": len(rejects), "objects": objects}
     Ledger(root).mark(STAGE, "_", name, fp, info)
     return info
 
 
 # -- step 4: finalize --------------------------------------------------------------------------
 
-def finalize(root: Root, listing: pa.Table, jobs: list[ShardJob]) -> tuple[pa.Table, pa.Table]:
-    parts = [root.read_table("corpus", "parts", f"{j.shard:06d}.manifest.parquet") for j in jobs]
+def finalize(root: Root, listing: pa.Table, jobs: list[ShardJob], recorded: dict[int, dict | None] | None = None
+             ) -> tuple[pa.Table, pa.Table, dict]:
+    """Concatenate the parts (each checked against its cell's marker as it is read: a damaged part would
+    otherwise be blessed into the manifest); returns manifest, rejects and the final files' digests."""
+    recorded = recorded or {}
+
+    def part(shard: int, kind: str) -> pa.Table:
+        rel = f"corpus/parts/{shard:06d}.{kind}.parquet"
+        data = root.read_bytes(rel)
+        want = (recorded.get(shard) or {}).get(rel)
+        if want is not None and digest_of(data) != want:
+            raise ShardCorruptError(mismatch(rel, digest_of(data), want))
+        return pq.read_table(io.BytesIO(data))
+
+    parts = [part(j.shard, "manifest") for j in jobs]
     manifest = pa.concat_tables(parts) if parts else MANIFEST_SCHEMA.empty_table()
     early = [{"source_uri": r["uri"], "reason": r["reason"]} for r in listing.to_pylist() if r["reason"]]
-    late = [root.read_table("corpus", "parts", f"{j.shard:06d}.rejects.parquet") for j in jobs]
+    late = [part(j.shard, "rejects") for j in jobs]
     rejects = pa.concat_tables([pa.Table.from_pylist(early, schema=REJECT_SCHEMA), *late])
-    root.write_table(manifest, "corpus", "manifest.parquet")
-    root.write_table(rejects, "corpus", "rejects.parquet")
     plan_cols = ["sample_id", "row", "region_x0", "region_y0", "region_side", "stored_side", "patch", "boxes"]
-    root.write_table(manifest.select(plan_cols), "crops", "plan.parquet")
-    return manifest, rejects
+    objects = {}
+    for rel, table in zip(FINAL_FILES, (manifest, rejects, manifest.select(plan_cols))):
+        data = parquet_bytes(table)
+        root.write_bytes(data, rel)
+        objects[rel] = digest_of(data)
+    return manifest, rejects, objects
 
 
-def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) -> dict:
-    """Shard the corpus (idempotent: finished shards are never redone)."""
+def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, verify: bool = False) -> dict:
+    """Shard the corpus (idempotent: finished shards are never redone).
+
+    Done cells are checked against their markers (sizes; sha256 with `verify=True`) and a damaged one is
+    rebuilt into its recorded bytes. Sources changed since the listing: refused (`verify` only warns,
+    since it rebuilds nothing but the recorded bytes)."""
     t0 = time.time()
     root = Root(cfg.run.root)
     ledger = Ledger(root)
     with stage_lock(root, STAGE, break_lock=break_lock, command="dad shard"):
         check_recorded(root, cfg, STAGE)
         fp = shard_fingerprint(cfg)
+        if ledger.is_done(STAGE, "_", "listing", fp):
+            changes = listing_changes(root, cfg)
+            if changes and any(changes.values()):
+                message = (f"corpus.sources changed since `dad shard` listed them for {root.url}: "
+                           f"{describe_changes(changes)}. A listed corpus is not extended (its shards, cached "
+                           f"targets and scores depend on the whole listing): restore the sources, or shard "
+                           f"them into a new --root")
+                if not verify:
+                    raise SourcesChangedError(message)
+                log.warning("%s", message)
         ex = executor_for(cfg.run, root.process_local, address)
         listing = list_corpus(root, cfg, ex, ledger, fp)
         jobs = assign(listing, cfg.corpus.shard_size)
         done = ledger.done(STAGE, "_", fp)
-        todo = [j for j in jobs if f"{j.shard:06d}" not in done]
-        for _ in ex.map(partial(write_shard, root=root, cfg=cfg, fp=fp), todo, description="shard"):
+        recorded = cell_objects(ledger, fp, [j.shard for j in jobs if f"{j.shard:06d}" in done])
+        damaged = damaged_cells(root, recorded, deep=verify)
+        for shard, why in sorted(damaged.items()):  # the marker stays: a rebuild is checked against it
+            log.warning("shard: %s: rebuilding it", why.rsplit(": ", 1)[0])
+        unrecorded = [s for s, objs in recorded.items() if objs is None and verify]
+        if unrecorded:  # sharded before digests existed: rebuilt, kept only if byte-identical, then recorded
+            log.info("shard: %d shard(s) have no recorded digests: rebuilding them to record them", len(unrecorded))
+        todo = [j for j in jobs if f"{j.shard:06d}" not in done or j.shard in damaged or j.shard in unrecorded]
+        for j in todo:
+            if j.shard in recorded:
+                objs = recorded[j.shard]
+                j.expect = objs[shard_rel(j.shard)] if objs else file_digest(root, shard_rel(j.shard))
+        private = private_for(cfg, ledger, fp) if todo else {}
+        for _ in ex.map(partial(write_shard, root=root, cfg=cfg, fp=fp, private=private), todo, description="shard"):
             pass
-        manifest, rejects = finalize(root, listing, jobs)
+        manifest, rejects, objects = finalize(root, listing, jobs, cell_objects(ledger, fp, [j.shard for j in jobs]))
         summary = {"stage": STAGE, "shards": len(jobs), "written": len(todo), "skipped": len(jobs) - len(todo),
                    "samples": manifest.num_rows, "rejects": rejects.num_rows,
                    "seconds": round(time.time() - t0, 2), "fingerprint": fp}
-        ledger.mark(STAGE, "_", "final", fp, summary)
+        ledger.mark(STAGE, "_", "final", fp, {**summary, "objects": objects})
     return summary
+
+
+# -- integrity: what later stages check before they read the corpus --------------------------------
+
+def cell_objects(ledger: Ledger, fp: str, shards: list[int]) -> dict[int, dict | None]:
+    """shard → the objects its marker vouches for ({path: {"bytes", "sha256"}}); None: a marker written
+    before digests were recorded (or unreadable), so nothing can be checked."""
+    out: dict[int, dict | None] = {}
+    for s in shards:
+        try:
+            out[s] = ledger.info(STAGE, "_", f"{s:06d}", fp).get("objects")
+        except (FileNotFoundError, ValueError):
+            out[s] = None
+    return out
+
+
+def damaged_cells(root: Root, recorded: dict[int, dict | None], deep: bool, tars_only: bool = False
+                  ) -> dict[int, str]:
+    """shard → why, for cells whose stored objects differ from their marker (size; sha256 if deep)."""
+    sizes = None if deep else {**object_sizes(root, "corpus", "shards"), **object_sizes(root, "corpus", "parts")}
+    bad = {}
+    for s, objs in recorded.items():
+        for rel, want in (objs or {}).items():
+            if tars_only and rel != shard_rel(s):
+                continue
+            why = check_object(root, rel, want, deep, sizes)
+            if why:
+                bad[s] = why
+                break
+    return bad
+
+
+def verify_corpus(root: Root, cfg: DadConfig, shards: list[int] | None = None, deep: bool = False) -> list[str]:
+    """What differs from the shard markers among the files later stages read: the manifest, rejects and
+    crop plan (always by sha256: small) and the tars of `shards` (default: all; by size, or sha256 if deep,
+    streamed once). One line per damaged object, each naming `dad shard --verify`."""
+    ledger, fp = Ledger(root), shard_fingerprint(cfg)
+    try:
+        final = ledger.info(STAGE, "_", "final", fp).get("objects") or {}
+    except (FileNotFoundError, ValueError):
+        final = {}
+    bad = [why for rel, want in sorted(final.items()) if (why := check_object(root, rel, want, deep=True))]
+    if shards is None:
+        shards = sorted(int(c) for c in ledger.done(STAGE, "_", fp) if c.isdigit())
+    return bad + [why for _, why in sorted(damaged_cells(root, cell_objects(ledger, fp, shards), deep,
+                                                         tars_only=True).items())]
+
+
+def require_intact_corpus(root: Root, cfg: DadConfig, shards: list[int] | None = None, deep: bool = False) -> None:
+    """Raise ShardCorruptError (one line, the first damaged object and how many more) if `verify_corpus`
+    finds anything: no stage reads a corpus that differs from what `dad shard` wrote."""
+    bad = verify_corpus(root, cfg, shards, deep)
+    if bad:
+        more = f" (and {len(bad) - 1} more object(s))" if len(bad) > 1 else ""
+        raise ShardCorruptError(f"the corpus in {root.url} is damaged: {bad[0]}{more}")
+
+
+def tar_record(root: Root, cfg: DadConfig, shard: int) -> dict | None:
+    """The recorded digest of one shard's tar (None: none recorded), for `iter_shard(expect=...)`."""
+    objs = cell_objects(Ledger(root), shard_fingerprint(cfg), [shard])[shard]
+    return (objs or {}).get(shard_rel(shard))
 
 
 def status(cfg: DadConfig, root: Root) -> list[dict]:
@@ -217,4 +455,12 @@ def status(cfg: DadConfig, root: Root) -> list[dict]:
     if ledger.is_done(STAGE, "_", "listing", fp):
         total = len(assign(root.read_table("corpus", "listing.parquet"), cfg.corpus.shard_size))
     note = "complete" if ledger.is_done(STAGE, "_", "final", fp) else ("not started" if not markers else "incomplete")
+    notes = [note]
+    if note == "complete" and (damaged := verify_corpus(root, cfg)):
+        notes.append(f"{len(damaged)} object(s) differ from their markers ({damaged[0].split(':', 1)[0]}…): "
+                     f"run `dad shard --verify`")
+    if ledger.is_done(STAGE, "_", "listing", fp) and (changes := listing_changes(root, cfg)) and any(changes.values()):
+        notes.append(f"listing stale, sources changed: {describe_changes(changes, short=True)}; "
+                     f"`dad shard` refuses: shard them into a new --root")
+    note = "; ".join(notes)
     return [{"stage": STAGE, "scope": "corpus", "done": done, "total": total, "stale": stale, "note": note}]

@@ -12,6 +12,11 @@ config). One corpus shard goes to one actor call, so one task writes one Zarr sh
 Cells are keyed by a fingerprint of the teacher spec (weights identity, input rule, output space),
 the corpus/crop plan and the cache layout: adding a teacher computes only its own cells; changing
 one redoes only its cells; the other teachers' groups are not opened for writing.
+
+Integrity (issue #19): a corpus shard is hashed against its shard marker before a worker uses any of its
+samples; the cache's metadata documents are compared with what `ensure_cache` writes and rewritten if
+they differ. A teacher's cache is never rewritten while a `dad train` or `dad score` holds a read lease
+on it (`pipeline.ledger.read_leases`): the refusal names the reader and its lease file.
 """
 
 from __future__ import annotations
@@ -25,22 +30,27 @@ import torch.nn.functional as F
 
 from pipeline.cache import (
     LAYOUT,
+    CacheCorruptError,
     check_shard,
     ensure_cache,
+    metadata_problems,
     object_sizes,
     open_arrays,
     open_cache,
+    reference_metadata,
+    repair_metadata,
     shard_digests,
     write_shard,
 )
 from pipeline.config import DadConfig, TeacherCfg, fingerprint, with_absolute_paths
 from pipeline.corpus import iter_shard, shard_ids, shard_name
 from pipeline.crops import box_pixels
+from pipeline.errors import cause_line
 from pipeline.images import resize
-from pipeline.ledger import Ledger, check_recorded, stage_lock
-from pipeline.runtime import init_ray, progress, use_inline
+from pipeline.ledger import Ledger, check_recorded, refuse_if_leased, stage_lock
+from pipeline.runtime import init_ray, progress, require_resources, teacher_request, use_inline
 from pipeline.storage import Root
-from stages.shard import shard_fingerprint
+from stages.shard import require_intact_corpus, shard_fingerprint, tar_record
 from stages.teachers import Teacher, build_teacher, spec_for
 
 log = logging.getLogger("dad.teach")
@@ -103,7 +113,8 @@ class TeachWorker:
         t0, c0 = time.time(), time.process_time()
         crops, bs = self.cfg.crops, self.tcfg.batch_size
         globals_, locals_ = [], []
-        for record, region in iter_shard(self.root, shard):
+        # the tar is checked against its shard marker (sha256, once) before any sample is used
+        for record, region in iter_shard(self.root, shard, expect=tar_record(self.root, self.cfg, shard)):
             glob, locs = sample_inputs(region, record["boxes"], crops.global_size, crops.patch)
             globals_.append(glob)
             locals_.extend(locs)
@@ -134,12 +145,15 @@ def _node_id() -> str:
 def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int], inline: bool) -> list[dict]:
     tcfg = cfg.teachers[name]
     if inline:
-        worker = TeachWorker(root, cfg, name, fp)
+        out = []
         with progress(len(todo), f"teach {name}") as bar:
-            out = []
-            for s in todo:
-                out.append(worker.process(s))
-                bar.advance(0, 1)
+            try:
+                worker = TeachWorker(root, cfg, name, fp)
+                for s in todo:
+                    out.append(worker.process(s))
+                    bar.advance(0, 1)
+            except Exception as err:  # the same one line as from a Ray actor
+                raise _teacher_failed(name, len(out), len(todo), err) from err
             return out
     import ray.data
 
@@ -163,15 +177,13 @@ def _run_teacher(root: Root, cfg: DadConfig, name: str, fp: str, todo: list[int]
                 out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
                 bar.advance(0, 1)
         except Exception as err:  # Ray wraps the actor's error; show the cause, keep finished cells
-            raise RuntimeError(f"teacher {name!r} failed ({len(out)}/{len(todo)} shards finished and kept): "
-                               f"{root_cause(err)}") from err
+            raise _teacher_failed(name, len(out), len(todo), err) from err
     return out
 
 
-def root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {err}".splitlines()[0]
+def _teacher_failed(name: str, done: int, total: int, err: BaseException) -> RuntimeError:
+    return RuntimeError(f"teacher {name!r} failed ({done}/{total} shards finished and kept): {cause_line(err)}; "
+                        f"rerun `dad teach --teacher {name}` once that is fixed (--debug shows the traceback)")
 
 
 def verify_cells(root: Root, name: str, fp: str, shards: list[int], deep: bool) -> dict[int, str]:
@@ -212,17 +224,32 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
     check_recorded(root, cfg, STAGE)
     if not ledger.is_done("shard", "_", "final", shard_fingerprint(cfg)):
         raise FileNotFoundError(f"the corpus in {root.url} is not complete: run `dad shard` first")
+    require_intact_corpus(root, cfg, deep=verify)  # manifest and tars as `dad shard` wrote them
     shards = shard_ids(root)
     inline = use_inline(cfg.run, root.process_local)
     if not inline:
         init_ray(cfg.run, address)
+        # an actor no node can host would wait forever, silently: refuse it now, naming the key
+        require_resources([teacher_request(n, cfg.teachers[n]) for n in _with_work(ledger, cfg, names, shards)])
     totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0, "recomputed": 0}
     for name in names:
         spec = spec_for(name, cfg.teachers[name])
         fp = cell_fingerprint(cfg, spec.fingerprint)
         with stage_lock(root, STAGE, name, break_lock=break_lock, command=f"dad teach --teacher {name}"):
+            c = cfg.crops
+            attrs = {"teacher": spec.as_attrs(), "output_space": spec.output_space, "license": spec.license,
+                     "fingerprint": fp, "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size}
+            reference = reference_metadata(max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
+                                           c.local_store, attrs)
+            damaged = metadata_problems(root, name, reference, reader_attrs(cfg, spec))
             done = ledger.done(STAGE, name, fp)
             corrupt = verify_cells(root, name, fp, [s for s in shards if shard_name(s) in done], deep=verify)
+            if damaged or corrupt or len(done & {shard_name(s) for s in shards}) < len(shards):
+                # a training (or scoring) run that reads this cache would see it change under it
+                refuse_if_leased(root, STAGE, name, f"cache/{name}", break_lock)
+            for key, why in sorted(damaged.items()):
+                log.warning("teach %s: cache/%s/%s %s: rewriting it", name, name, key, why)
+            repair_metadata(root, name, damaged, reference)
             for s, why in sorted(corrupt.items()):
                 log.warning("teach %s: shard %s does not match its marker (%s): recomputing", name, shard_name(s), why)
                 ledger.unmark(STAGE, name, shard_name(s), fp)  # not "done" while it is being redone
@@ -231,16 +258,39 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
             totals["skipped"] += len(shards) - len(todo)
             if not todo:
                 continue
-            c = cfg.crops
             ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
-                         c.local_store, attrs={"teacher": spec.as_attrs(), "output_space": spec.output_space,
-                                               "license": spec.license, "fingerprint": fp,
-                                               "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size})
+                         c.local_store, attrs=attrs)
             for info in _run_teacher(root, cfg, name, fp, todo, inline):
                 totals["samples"] += int(info["samples"])
                 totals["cells"] += 1
                 totals["invalid_px"] += int(info["invalid_global_px"]) + int(info["invalid_local_px"])
     return {"stage": STAGE, "teachers": len(names), **totals, "seconds": round(time.time() - t0, 2)}
+
+
+def _with_work(ledger: Ledger, cfg: DadConfig, names: list[str], shards: list[int]) -> list[str]:
+    """The teachers with a shard not done under their current fingerprint: those that will start actors
+    (a finished teacher's resources need not exist here: `dad run` on a laptop after teaching on a cluster)."""
+    want = {shard_name(s) for s in shards}
+    return [n for n in names
+            if want - ledger.done(STAGE, n, cell_fingerprint(cfg, spec_for(n, cfg.teachers[n]).fingerprint))]
+
+
+def reader_attrs(cfg: DadConfig, spec) -> dict:
+    """The cache attributes readers act on: how values convert to disparity, and slot → shard."""
+    return {"output_space": spec.output_space, "shard_size": cfg.corpus.shard_size}
+
+
+def require_intact_metadata(root: Root, cfg: DadConfig, names: list[str], shards: list[int]) -> None:
+    """Raise CacheCorruptError if a teacher's cache metadata would be misread (naming the document and the
+    command that rewrites it); cheap: five small documents per teacher."""
+    c = cfg.crops
+    reference = reference_metadata(max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count, c.local_store)
+    for name in names:
+        damaged = metadata_problems(root, name, reference, reader_attrs(cfg, spec_for(name, cfg.teachers[name])))
+        if damaged:
+            key, why = min(damaged.items())
+            raise CacheCorruptError(f"cached targets of teacher {name!r} cannot be read as written: cache/{name}/{key} "
+                                    f"{why}; rewrite it with `dad teach --verify --teacher {name}`, then rerun")
 
 
 def status(cfg: DadConfig, root: Root) -> list[dict]:

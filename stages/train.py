@@ -8,8 +8,10 @@ memory:// roots / `run.executor = "inline"`.
 Each rank streams its own shards (student/data.py); rank 0 writes, every `checkpoint_every` steps,
 an atomic checkpoint `train/<name>/ckpt-<step>.pt` holding the model, optimizer, scheduler, RNG
 states and the step (which is the data position: every draw is seeded by (seed, epoch, row)).
-A rerun resumes from the latest checkpoint; `--init-from` starts from a student checkpoint or a
-Depth Anything model directory. `metrics.jsonl` and TensorBoard events record the loss terms,
+A rerun resumes from the latest readable checkpoint (an unreadable one is skipped, with a warning);
+a non-finite loss, gradient or weight stops training at that step (`TrainingDiverged`), keeping the
+last finite checkpoint and writing neither model.pt nor the final marker. `--init-from` starts
+from a student checkpoint or a Depth Anything model directory. `metrics.jsonl` and TensorBoard events record the loss terms,
 learning rates and the predictions' median and spread (students drift in scale, PAPER §2.5).
 With `train.val_dataset`, rank 0 also scores the student every `val_every` steps on a held-out set
 (the eval stage's own protocol, `stages.evaluate.evaluate`) into `val.jsonl` and TensorBoard `val/*`:
@@ -34,12 +36,14 @@ import torch
 
 from pipeline.config import DadConfig, fingerprint, with_absolute_paths
 from pipeline.corpus import shard_ids, shard_name
-from pipeline.ledger import Ledger, check_recorded, stage_lock
-from pipeline.runtime import init_ray, use_inline
+from pipeline.errors import cause_line
+from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
+from pipeline.runtime import init_ray, require_resources, use_inline, worker_request
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
 from student.data import EpochPlan, StreamSpec, TargetStream
 from student.trainer import (
+    NonFiniteStep,
     StepConfig,
     freeze_unused,
     frozen_encoder,
@@ -84,6 +88,9 @@ def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], d
         raise ValueError("no teachers configured: add a [teachers.<name>] section, then `dad teach` and `dad score`")
     ledger = Ledger(root)
     tfps = teacher_fps(cfg)
+    from stages.shard import require_intact_corpus
+
+    require_intact_corpus(root, cfg, shards=[])  # the manifest as `dad shard` wrote it
     try:
         shards = {shard_name(s) for s in shard_ids(root)}
     except FileNotFoundError:
@@ -108,20 +115,24 @@ def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], d
 
 
 def verify_targets(root: Root, cfg: DadConfig, shards: list[int]) -> None:
-    """sha256 every cached shard training will read against its teach marker: corrupt targets are never
-    trained on (the error names the cells and the command that recomputes them)."""
+    """sha256 every cached shard training will read against its teach marker, and every corpus shard
+    against its shard marker (streamed, once per run); check the caches' metadata: corrupt targets or
+    pixels are never trained on (the error names the cells and the command that repairs them)."""
     from pipeline.cache import CacheCorruptError
-    from stages.teach import verify_cells
+    from stages.shard import require_intact_corpus
+    from stages.teach import require_intact_metadata, verify_cells
 
     t0 = time.time()
+    require_intact_corpus(root, cfg, shards, deep=True)
+    require_intact_metadata(root, cfg, list(cfg.teachers), shard_ids(root))
     for n, tfp in teacher_fps(cfg).items():
         bad = verify_cells(root, n, tfp, shards, deep=True)
         if bad:
             listed = "; ".join(f"shard {shard_name(s)}: {why}" for s, why in sorted(bad.items())[:3])
             raise CacheCorruptError(f"cached targets of teacher {n!r} are corrupt ({len(bad)} shard(s): {listed}): "
                                     f"recompute them with `dad teach --verify --teacher {n}`, then rerun")
-    log.info("cached targets verified (%d shard(s) × %d teacher(s)) in %.1f s", len(shards), len(cfg.teachers),
-             time.time() - t0)
+    log.info("corpus and cached targets verified (%d shard(s) × %d teacher(s)) in %.1f s", len(shards),
+             len(cfg.teachers), time.time() - t0)
 
 
 def graph_source(cfg: DadConfig) -> tuple[str, str, dict]:
@@ -235,6 +246,38 @@ def latest_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
     return (max(steps), root.uri("train", name, f"ckpt-{max(steps):07d}.pt")) if steps else None
 
 
+def resume_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
+    """The newest checkpoint that can be read. One that cannot (truncated by a copy, a full disk, a store
+    without atomic uploads) is skipped with a one-line warning: resuming from the one before it costs
+    `checkpoint_every` steps, a traceback costs the whole run."""
+    from student.checkpoint import CheckpointError
+
+    steps = sorted((int(m.group(1)) for f in root.listdir("train", name) if (m := CKPT.match(f))), reverse=True)
+    for step in steps:
+        uri = root.uri("train", name, f"ckpt-{step:07d}.pt")
+        try:
+            _source_config(uri)
+        except CheckpointError as err:
+            log.warning("train/%s/ckpt-%07d.pt is unreadable, skipped: resuming from an earlier checkpoint (%s)",
+                        name, step, str(err).splitlines()[0][:200])
+            continue
+        return step, uri
+    return None
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or weight: training stops there, keeps its last (finite) checkpoint
+    and writes neither model.pt nor the final marker, so no stage ever uses NaN weights as a result."""
+
+
+def _diverged(root: Root, name: str, step: int, what: str) -> TrainingDiverged:
+    kept = latest_checkpoint(root, name)
+    last = (f"train/{name}/ckpt-{kept[0]:07d}.pt is the last finite checkpoint" if kept
+            else "no checkpoint was written before it")
+    return TrainingDiverged(f"training diverged at step {step} ({what}); {last}, no final model was written: "
+                            f"lower train.lr_encoder / train.lr_decoder and train under a new name (--name NEW)")
+
+
 # -- the per-worker loop ------------------------------------------------------------------------
 
 def worker_loop(config: dict) -> None:
@@ -258,7 +301,7 @@ def worker_loop(config: dict) -> None:
         device = ray.train.torch.get_device() if config.get("ray") else torch.device("cuda")
         torch.cuda.set_device(device)
     root = Root(cfg.run.root)
-    from student.checkpoint import load_checkpoint, save_checkpoint
+    from student.checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 
     model = build_model(cfg)
     unused = freeze_unused(model)  # DDP needs every trainable parameter to get a gradient
@@ -267,7 +310,7 @@ def worker_loop(config: dict) -> None:
     opt = make_optimizer(model, t.lr_encoder, t.lr_decoder, t.weight_decay)
     sched = make_scheduler(opt, t.warmup_steps, t.steps)
     start = 0
-    resume = latest_checkpoint(root, t.name)
+    resume = config["resume"]  # chosen by `run`: the newest readable checkpoint
     if resume:
         model_r, extra = load_checkpoint(resume[1])
         if model_r.config.to_dict() != model.config.to_dict():
@@ -303,7 +346,10 @@ def worker_loop(config: dict) -> None:
         n = min(plan.steps(epoch), skip + t.steps - step)
         shards_read[epoch] = stream.shards(epoch, rank, world)
         for batch in stream.batches(epoch, rank, world, n, skip, workers=t.prefetch):
-            stats = train_step(model, batch, opt, sched, step_cfg, t.grad_clip, frozen, device, t.amp)
+            try:
+                stats = train_step(model, batch, opt, sched, step_cfg, t.grad_clip, frozen, device, t.amp)
+            except NonFiniteStep as err:
+                raise _diverged(root, t.name, step + 1, str(err)) from None
             step += 1
             seen += batch["image"].shape[0]
             usage += np.bincount(batch["teacher"].numpy(), minlength=len(cfg.teachers))
@@ -321,6 +367,8 @@ def worker_loop(config: dict) -> None:
                 _log(root, t.name, "val.jsonl", val_history, writer, record)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 core = model.module if hasattr(model, "module") else model
+                if bad := nonfinite_tensors(core.state_dict()):
+                    raise _diverged(root, t.name, step, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
                 extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                          "torch_rng": torch.get_rng_state(), "fingerprint": config["fingerprint"]}
                 save_checkpoint(core, root.uri("train", t.name, f"ckpt-{step:07d}.pt"), extra=extra)
@@ -386,8 +434,8 @@ def _truncated_log(root: Root, name: str, file: str, start: int) -> list[dict]:
     if start == 0:
         root.remove("train", name, file)
         return []
-    lines = root.read_bytes("train", name, file).decode().splitlines()
-    history = [h for h in (json.loads(x) for x in lines if x.strip()) if h["step"] <= start]
+    # a line cut short by a crash mid-append is dropped: it is past the checkpoint anyway
+    history = [h for h in root.read_jsonl("train", name, file) if h["step"] <= start]
     root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, file)
     return history
 
@@ -412,7 +460,8 @@ def _validator(cfg: DadConfig, device: torch.device):
                     return model(x.to(device)).float()
 
             _, summary = evaluate(predict_fn, dataset, align=cfg.eval.align, resolution=cfg.eval.resolution,
-                                  max_samples=t.val_samples, device=device)
+                                  max_samples=t.val_samples, device=device,
+                                  min_valid_pixels=cfg.eval.min_valid_pixels)
         finally:
             model.train(was_training)
             torch.set_rng_state(rng)
@@ -454,19 +503,24 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
     EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), t.workers, t.batch_size).locate(0)
     if t.init_from:
         check_compatible(cfg, t.init_from, "--init-from")
-    if latest := latest_checkpoint(root, t.name):
-        check_compatible(cfg, latest[1], "checkpoint", f"; train under a new name (--name NEW) or delete train/{t.name}")
+    if resume := resume_checkpoint(root, t.name):
+        check_compatible(cfg, resume[1], "checkpoint", f"; train under a new name (--name NEW) or delete train/{t.name}")
     fp = train_fingerprint(cfg)
     if ledger.is_done(STAGE, t.name, "final", fp) and (latest_checkpoint(root, t.name) or (0,))[0] >= t.steps:
         return {"stage": STAGE, "name": t.name, "steps": t.steps, "skipped": True, "seconds": 0.0}
-    verify_targets(root, cfg, sorted(shard_rows))
+    if not use_inline(cfg.run, root.process_local):  # workers no cluster can host would wait forever
+        init_ray(cfg.run, address)
+        require_resources([worker_request(t)])
     prior = ledger.markers(STAGE, t.name).get("run")
     if prior and fp not in prior and latest_checkpoint(root, t.name):
         raise ValueError(f"train/{t.name} holds checkpoints made with other settings; use --name NEW "
                          f"(or delete train/{t.name}) to train with these")
-    with stage_lock(root, STAGE, t.name, break_lock=break_lock, command=f"dad train --name {t.name}"):
+    with stage_lock(root, STAGE, t.name, break_lock=break_lock, command=f"dad train --name {t.name}"), \
+            read_leases(root, "teach", list(cfg.teachers), f"dad train --name {t.name}", break_lock):
+        # under read leases on the teachers' caches: `dad teach` cannot rewrite what is verified here
+        verify_targets(root, cfg, sorted(shard_rows))
         ledger.mark(STAGE, t.name, "run", fp, {"started": time.time()})
-        payload = {"cfg": with_absolute_paths(cfg).model_dump(mode="json"), "fingerprint": fp}
+        payload = {"cfg": with_absolute_paths(cfg).model_dump(mode="json"), "fingerprint": fp, "resume": resume}
         with _progress_from_log(root, t):
             if use_inline(cfg.run, root.process_local):
                 if t.workers > 1:
@@ -535,27 +589,7 @@ def _fit_on_ray(cfg: DadConfig, payload: dict, address: str | None) -> None:
     try:
         trainer.fit()
     except Exception as err:
-        raise RuntimeError(f"training failed: {_worker_error(err)}") from err
-
-
-def _worker_error(err: BaseException) -> str:
-    """The first failed worker's own exception (type and message), not Ray's wrapper around it."""
-    failures = getattr(err, "worker_failures", None)
-    if failures:
-        rank = min(failures)
-        err = failures[rank]
-        cause = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        text = str(cause).strip()
-        # Ray's per-worker exception carries the formatted traceback; its last line is the error itself.
-        last = text.splitlines()[-1] if text else ""
-        if not re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", last):
-            last = f"{type(cause).__name__}: {last}"
-        return f"rank {rank}: {last}"
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {err}".splitlines()[0]
+        raise RuntimeError(f"training failed: {cause_line(err)}") from err
 
 
 def status(cfg: DadConfig, root: Root) -> list[dict]:

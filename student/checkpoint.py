@@ -23,10 +23,11 @@ import dataclasses
 import io
 import os
 import pickle
-import tempfile
 
 import fsspec
 import torch
+
+from pipeline.storage import temp_file
 
 from .graph import GraphConfig, GraphStudent
 from .model import StudentConfig, StudentModel
@@ -85,9 +86,19 @@ def load_checkpoint(source, map_location="cpu") -> tuple[StudentModel | GraphStu
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"state_dict does not fit its model_config: {e}") from e
+    bad = nonfinite_tensors(payload["state_dict"])
+    if bad:
+        raise CheckpointError(f"{source!r} has non-finite weights ({len(bad)} tensor(s), e.g. {bad[0]}): the training "
+                              f"that wrote it diverged; use an earlier checkpoint or retrain with a lower learning rate")
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model, payload.get("extra")
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity: weights that predict nothing
+    (a diverged run) must be refused where they are loaded, never turned into all-NaN maps."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def model_from_config(config: StudentConfig | GraphConfig) -> StudentModel | GraphStudent:
@@ -117,7 +128,7 @@ def config_from_dict(config: dict) -> StudentConfig | GraphConfig:
 def _atomic_write_local(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".ckpt")
+    fd, tmp = temp_file(directory, suffix=".ckpt")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

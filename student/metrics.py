@@ -23,8 +23,9 @@ Choices the references leave open, made explicit here:
 - Non-finite predictions (NaN/inf) are *failures*, not holes: each such pixel is scored as the
   admissible value (inside the clipping range) that is farthest from the GT in log ratio, i.e. the
   maximal error the clipping allows. Metrics stay finite; a NaN map scores δ1 = 0.
-- An image with no valid GT pixel has no score: its metrics are NaN (callers drop it, it is a
-  data problem, not a prediction failure).
+- An image with no valid GT pixel has no score: its metrics are NaN (a data problem, not a
+  prediction failure). The eval stage goes further: below `eval.min_valid_pixels` it does not
+  score a sample at all, and lists it with the reason (stages/evaluate.py).
 - `space="inverse_depth"` (fit *and* score in inverse depth, as the realeval README and Depth
   Anything do, REFERENCE.md §5.4) is offered beside Marigold's two spaces. GT that is stereo
   disparity (Middlebury, KITTI-2015 in realeval) is always fitted and scored in disparity.

@@ -5,7 +5,9 @@ teacher's global target, `L_lg` cuts it at the K stored boxes and compares with 
 predictions, `L_grad` matches gradients of the normalised shared-context residual (so only with
 `use_sc`), and `L_feat` (optional) keeps the encoder's tokens near a frozen copy of the initial
 encoder. AdamW with separate encoder and decoder learning rates (paper: 5e-6 / 5e-5), linear
-warm-up then poly(0.9) decay, gradient clipping, bf16 autocast on GPU.
+warm-up then poly(0.9) decay, gradient clipping, bf16 autocast on GPU. A step whose loss or
+gradient is NaN/inf raises `NonFiniteStep` before the optimizer moves: a diverged run stops there
+instead of training on (and saving) NaN weights.
 
 This module is pure torch: it knows nothing of Ray. `stages/train.py` gives it a rank, a world
 size, a model wrapper (DDP) and a place to write checkpoints.
@@ -31,6 +33,15 @@ class StepConfig:
     lambda_feat: float = 1.0
     lambda_grad: float = 2.0
     feature_loss: bool = False
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is NaN/inf. Raised before the optimizer steps, so the weights
+    stay as the last finite step left them; `stats` holds the loss terms and the gradient norm."""
+
+    def __init__(self, stats: dict[str, float]):
+        self.stats = stats
+        super().__init__(", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
 
 def freeze_unused(model: torch.nn.Module) -> list[str]:
@@ -125,11 +136,14 @@ def train_step(model, batch: dict, opt, sched, cfg: StepConfig, grad_clip: float
     opt.zero_grad(set_to_none=True)
     terms["total"].backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    losses_now = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+    if not all(math.isfinite(v) for v in (*losses_now.values(), float(gnorm))):
+        raise NonFiniteStep({**losses_now, "grad_norm": float(gnorm)})
     opt.step()
     sched.step()
     with torch.no_grad():
         valid = pred.detach()[batch["valid"]]
         stats = {"pred_median": float(valid.median()) if valid.numel() else math.nan,
                  "pred_spread": float((valid - valid.median()).abs().mean()) if valid.numel() else math.nan}
-    return {**{f"loss_{k}": float(v.detach()) for k, v in terms.items()}, "grad_norm": float(gnorm),
+    return {**losses_now, "grad_norm": float(gnorm),
             **{f"lr_{g['name']}": g["lr"] for g in opt.param_groups}, **stats}

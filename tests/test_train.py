@@ -336,11 +336,13 @@ def test_incompatible_checkpoints_are_refused(run_copy, tmp_path):
 def test_a_failed_ray_worker_is_reported_with_its_own_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
+    from pipeline.errors import cause_line
+
     err = WorkerGroupError("Training failed", {1: FileNotFoundError("[Errno 2] corpus/shards/000001.tar"),
                                                0: RuntimeError("Traceback …\n  File …\nValueError: bad batch")})
-    assert stages.train._worker_error(err) == "rank 0: ValueError: bad batch"
+    assert cause_line(err) == "rank 0: ValueError: bad batch"
     err = WorkerGroupError("Training failed", {1: FileNotFoundError("[Errno 2] corpus/shards/000001.tar")})
-    assert stages.train._worker_error(err) == "rank 1: FileNotFoundError: [Errno 2] corpus/shards/000001.tar"
+    assert cause_line(err) == "rank 1: FileNotFoundError: [Errno 2] corpus/shards/000001.tar"
 
 
 # -- periodic validation ------------------------------------------------------------------------

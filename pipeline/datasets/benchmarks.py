@@ -101,8 +101,10 @@ def open_kitti(path: str, split_file: str | None = None, mask: str | None = "eig
     root, split = resolve_split(path, "eigen_test_files_with_gt.txt", split_file)
     rows = read_split(split)
     kept = [r for r in rows if len(r) > 1 and r[1] != "None"]
+    skipped = [(strip_ext(r[0]), "kitti", "no ground truth in the split file")
+               for r in rows if not (len(r) > 1 and r[1] != "None")]
     return EvalDataset("kitti", kept, functools.partial(_load_kitti, root, mask), *KITTI_RANGE,
-                       skipped=len(rows) - len(kept))
+                       skipped=len(rows) - len(kept), skipped_items=skipped)
 
 
 # -- ETH3D -------------------------------------------------------------------------------------

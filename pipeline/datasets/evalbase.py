@@ -55,13 +55,18 @@ class EvalSample:
 class EvalDataset:
     """A named, lazily loaded sequence of `EvalSample`s with the dataset's depth range.
 
-    `skipped` counts listed entries that cannot be evaluated (e.g. KITTI rows without GT).
+    `skipped` counts listed entries that cannot be evaluated (e.g. KITTI rows without GT);
+    `skipped_items` names them, as (id, family, reason), so an evaluation can list each one
+    instead of reporting a smaller n with no word (a loader that names them sets both).
     """
 
     def __init__(self, name: str, items: Sequence[Any], load: Callable[[Any], EvalSample],
-                 min_depth: float, max_depth: float, skipped: int = 0):
+                 min_depth: float, max_depth: float, skipped: int = 0,
+                 skipped_items: Sequence[tuple[str, str, str]] = ()):
         self.name, self.items, self.load = name, list(items), load
-        self.min_depth, self.max_depth, self.skipped = float(min_depth), float(max_depth), int(skipped)
+        self.skipped_items = [tuple(x) for x in skipped_items]
+        skipped = max(int(skipped), len(self.skipped_items))
+        self.min_depth, self.max_depth, self.skipped = float(min_depth), float(max_depth), skipped
 
     def __len__(self) -> int:
         return len(self.items)

@@ -4,7 +4,7 @@ Why: a user with a few RGB-D captures should not have to write a split file. Lay
 `a/b/x.jpg` (jpg, jpeg, png, bmp, tif, tiff, webp) the GT is `a/b/x.npy` (float, metres) or
 `a/b/x.png` as a 16-bit single-channel PNG (millimetres, the Kinect/RealSense/NYU convention,
 divided by 1000). An 8-bit PNG of the same stem is the image, a 16-bit one the GT. Images without
-GT (or GT without image) are skipped and counted. GT ≤ 0 or non-finite is invalid; no crop; range (1e-5, inf) m as ETH3D.
+GT (or GT without image) are skipped and named with the reason (`EvalDataset.skipped_items`). GT ≤ 0 or non-finite is invalid; no crop; range (1e-5, inf) m as ETH3D.
 `family` is the first sub-folder under PATH (files directly in PATH get PATH's own name), so a
 folder per scene type gives per-family means as in realeval.
 """
@@ -50,19 +50,24 @@ def _load(item: tuple[str, str, str, str]) -> EvalSample:
                       valid=range_mask(gt, *FOLDER_RANGE), family=family)
 
 
-def pair_files(rel_paths: list[str], is_gt_png) -> tuple[list[tuple[str, str]], int]:
-    """Group relative paths by stem → ([(image, gt)], stems without a complete pair).
+def pair_files(rel_paths: list[str], is_gt_png) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Group relative paths by stem → ([(image, gt)], [(file, reason)] of stems without a complete pair).
 
-    `is_gt_png(rel)` is only asked about PNGs that share their stem with another file."""
+    `is_gt_png(rel)` is only asked about PNGs: those that share their stem with another file, and a lone
+    PNG (to say whether it is an image without GT or a GT without image)."""
     groups: dict[str, list[str]] = {}
     for rel in sorted(rel_paths):
         stem, ext = posixpath.splitext(rel)
         if ext.lower() in IMAGE_EXTS + (".npy",):
             groups.setdefault(stem, []).append(rel)
-    pairs, unpaired = [], 0
+    pairs, unpaired = [], []
     for stem, files in groups.items():
         if len(files) == 1:
-            unpaired += 1
+            f = files[0]
+            is_gt = f.endswith(".npy") or (f.lower().endswith(".png") and is_gt_png(f))
+            unpaired.append((f, "ground truth without an image" if is_gt else
+                             f"no ground truth ({posixpath.basename(stem)}.npy or a 16-bit "
+                             f"{posixpath.basename(stem)}.png next to it)"))
             continue
         gts = [f for f in files if f.endswith(".npy") or (f.lower().endswith(".png") and is_gt_png(f))]
         images = [f for f in files if f not in gts]
@@ -79,9 +84,13 @@ def open_folder(path: str) -> EvalDataset:
     url = functools.partial(_url, fs, base, path)
     pairs, orphans = pair_files(rels, lambda rel: _is_16bit_png(url(rel)))
     own = posixpath.basename(base) or "folder"
-    items = [(posixpath.splitext(img)[0], url(img), url(gt), img.split("/")[0] if "/" in img else own)
-             for img, gt in pairs]
-    return EvalDataset(f"folder:{own}", items, _load, *FOLDER_RANGE, skipped=orphans)
+
+    def family(rel: str) -> str:
+        return rel.split("/")[0] if "/" in rel else own
+
+    items = [(posixpath.splitext(img)[0], url(img), url(gt), family(img)) for img, gt in pairs]
+    skipped = [(rel, family(rel), reason) for rel, reason in orphans]
+    return EvalDataset(f"folder:{own}", items, _load, *FOLDER_RANGE, skipped_items=skipped)
 
 
 def _url(fs, base: str, like: str, rel: str) -> str:

@@ -73,12 +73,16 @@ def adapters() -> dict[str, str]:
     return found
 
 
-def _load_class(target: str):
+def _load_class(target: str, name: str):
+    """The adapter class; any failure to import it (missing module, a plugin that raises on import)
+    becomes one message naming the teacher's key and the next step."""
     module, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"teacher adapter {target!r} cannot be loaded: {err}") from None
+    except Exception as err:  # a plugin's import may raise anything
+        raise ValueError(f"teachers.{name}.adapter: {target!r} cannot be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}): install the package that provides "
+                         f"it, or fix the module:Class path") from err
 
 
 def build_teacher(name: str, tcfg: TeacherCfg) -> Teacher:
@@ -87,7 +91,7 @@ def build_teacher(name: str, tcfg: TeacherCfg) -> Teacher:
     if target is None:
         raise ValueError(f"teachers.{name}.adapter: unknown adapter {tcfg.adapter!r} "
                          f"(known: {', '.join(sorted(known))}, or module:Class)")
-    teacher = _load_class(target)(name, tcfg)
+    teacher = _load_class(target, name)(name, tcfg)
     return FlipAveraged(teacher) if tcfg.flip_average else teacher
 
 
@@ -95,7 +99,7 @@ def spec_for(name: str, tcfg: TeacherCfg) -> TeacherSpec:
     """The spec without loading weights (adapters expose a classmethod `describe`)."""
     known = adapters()
     target = known.get(tcfg.adapter) or tcfg.adapter
-    spec = _load_class(target).describe(name, tcfg)
+    spec = _load_class(target, name).describe(name, tcfg)
     return flip_averaged(spec) if tcfg.flip_average else spec
 
 
