@@ -22,6 +22,7 @@ import errno
 import io
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import time
@@ -32,6 +33,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
 
 from pipeline.images import Rejected, max_encoded_bytes
 from pipeline.redact import public, redact
@@ -227,7 +229,9 @@ def _entries(src: str, fetch: Fetch) -> Iterator[tuple[str, str | None]]:
         except OSError as err:
             return _with_protocol(fs, p, src), f"unreadable entry ({_os_reason(err)})"
 
-    if any(c in src for c in GLOB_CHARS):
+    if local and "**" in path:  # walked like a folder: fsspec's walk drops the folders it cannot list
+        yield from _deep_glob(fs, path, src)
+    elif any(c in src for c in GLOB_CHARS):
         matches = sorted(fs.glob(path))
         if not matches:
             raise FileNotFoundError(f"corpus.sources: {redact(src)!r} matches no files")
@@ -242,6 +246,24 @@ def _entries(src: str, fetch: Fetch) -> Iterator[tuple[str, str | None]]:
         yield src, None
     else:
         raise FileNotFoundError(f"corpus.sources: {redact(src)!r} does not exist")
+
+
+def _deep_glob(fs: fsspec.AbstractFileSystem, pattern: str, src: str) -> Iterator[tuple[str, str | None]]:
+    """A local `**` glob as `walk_local` from its fixed prefix, matched with fsspec's own glob rule: every
+    entry that matches is a file or a reject, and a folder that cannot be listed (it may hold matches) is
+    a reject rather than silently empty."""
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+    top = "/".join(parts[:fixed]) or "/"
+    rule = re.compile(glob_translate(pattern))
+    found = False
+    if os.path.isdir(top):
+        for p, problem in walk_local(top):
+            if rule.match(p) or (problem or "").startswith("unreadable folder"):
+                found = True
+                yield _with_protocol(fs, p, src), problem
+    if not found:
+        raise FileNotFoundError(f"corpus.sources: {redact(src)!r} matches no files")
 
 
 def private_uris(units: list[Unit]) -> dict[str, str]:

@@ -175,17 +175,57 @@ def test_skipping_batches_yields_the_tail_without_decoding_the_skipped(cached, m
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_each_teacher_is_read_only_for_the_rows_drawn_for_it(cached, monkeypatch):
+def test_each_teacher_reads_its_drawn_rows_in_a_slice_when_dense_and_alone_when_sparse(cached, monkeypatch):
+    """A teacher whose drawn rows fill a third of their span in a shard reads that span once (one slice);
+    a sparser one reads exactly its drawn rows; nothing else is read."""
     stream = stream_for(cached)
     names = {id(g): t for t, g in stream.groups.items()}
-    reads: dict[str, list[int]] = {t: [] for t in stream.groups}
-    real = data_mod.read_targets
-    monkeypatch.setattr(data_mod, "read_targets", lambda g, rows: reads[names[id(g)]].extend(rows) or real(g, rows))
+    rows_read: dict[str, list[int]] = {t: [] for t in stream.groups}
+    spans: dict[str, list[tuple[int, int]]] = {t: [] for t in stream.groups}
+    real_rows, real_span = data_mod.read_targets, data_mod.read_target_span
+    monkeypatch.setattr(data_mod, "read_targets", lambda g, rows: rows_read[names[id(g)]].extend(rows) or real_rows(g, rows))
+    monkeypatch.setattr(data_mod, "read_target_span",
+                        lambda g, lo, hi: spans[names[id(g)]].append((lo, hi)) or real_span(g, lo, hi))
     samples = list(stream.samples(2, 0, 1))
     teachers = list(cached.teachers)
+    size = cached.corpus.shard_size
     for t in teachers:
         drawn = sorted(int(s["row"]) for s in samples if teachers[int(s["teacher"])] == t)
-        assert sorted(reads[t]) == drawn
+        for shard in sorted({r // size for r in drawn}):
+            mine = [r for r in drawn if r // size == shard]
+            lo, hi = min(mine), max(mine) + 1
+            if len(mine) >= (hi - lo) / 3:  # dense: its span, once
+                assert spans[t].count((lo, hi)) == 1 and not set(mine) & set(rows_read[t]), (t, shard)
+            else:
+                assert sorted(r for r in rows_read[t] if r // size == shard) == mine, (t, shard)
+        assert sum(hi - lo for lo, hi in spans[t]) + len(rows_read[t]) >= len(drawn)
+    assert any(spans.values()), "no teacher was dense: the slice path went untested"
+
+
+def test_a_slice_and_single_rows_read_the_same_values(cached):
+    root = Root(cached.run.root)
+    group = data_mod._OpenGroup(open_cache(root, list(cached.teachers)[0]))
+    rows = [1, 3, 4]
+    dense, sparse = data_mod.ShardTargets(group, [0, 1, 2, 3, 4]), data_mod.ShardTargets(group, [0, 14])
+    assert dense.dense and not sparse.dense
+    stored = read_rows(group, rows)
+    for got in (dense.read(rows), sparse.read(rows), data_mod.read_target_span(group, 1, 5)):
+        picked = got if len(got["global"]) == 3 else {k: v[[0, 2, 3]] for k, v in got.items()}
+        for k in stored:
+            assert np.array_equal(picked[k], stored[k], equal_nan=k in ("global", "local")), k
+
+
+def test_jitter_is_the_plain_float64_expression_to_the_bit():
+    rng = np.random.default_rng(3)
+    for h, w in ((37, 53), (392, 392)):
+        image = (rng.integers(0, 256, (h, w, 3)).astype(np.float32) / 255.0)
+        for view in (image, image[:, ::-1]):
+            b, c, sat = 1 + 0.1 * rng.uniform(-1, 1, 3)
+            gray = view.mean(axis=2, keepdims=True)
+            plain = np.clip(((view - gray) * sat + gray - view.mean()) * c + view.mean() * b, 0, 1)
+            got = data_mod.jitter(view, b, c, sat)
+            assert got.dtype == plain.dtype == np.float64 and np.array_equal(got, plain)
+            assert np.array_equal(view, image if view is image else image[:, ::-1])  # input untouched
 
 
 def test_masks_derived_from_values_equal_the_stored_masks(tmp_path):

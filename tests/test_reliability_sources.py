@@ -293,13 +293,14 @@ def test_every_kind_of_entry_is_a_sample_or_a_reject(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_an_unreadable_subfolder_is_a_reject(tmp_path):
+@pytest.mark.parametrize("as_glob", [False, True], ids=["folder", "deep-glob"])
+def test_an_unreadable_subfolder_is_a_reject(tmp_path, as_glob):
     d = ff.write_sources(tmp_path / "src", n=2)
     locked = d / "locked"
     locked.mkdir()
     (locked / "in.png").write_bytes(image_bytes(64, 64, "png", seed=5))
     locked.chmod(0)
-    raw = raw_config(tmp_path / "root", d, shard_size=2)
+    raw = raw_config(tmp_path / "root", f"{d}/**/*.png" if as_glob else d, shard_size=2)
     try:
         if not os.access(locked, os.R_OK):
             shard(raw)

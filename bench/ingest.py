@@ -1,0 +1,174 @@
+"""The training loader's ingest cost (issue #20): `python -m bench.ingest [--quick]`.
+
+* `ingest_speedup_quickstart`, `ingest_speedup_paper` — CPU time per sample of the previous loader ÷
+  the current one, side by side in one run on the same cached run, at the quickstart's sizes (G = 392,
+  L = 196, K = 2, 640 × 480 photos) and the paper's (G = 560, L = 392, K = 4, regions up to 1024 px).
+  "Previous" is the current stream with its two former hot spots put back: Zarr's orthogonal selection
+  per batch (no slab reads) and the jitter as one plain float64 expression. Both must yield the same
+  batches to the bit, which is checked. Goal ≥ 3.
+* `P7_ingest_samples_per_core` — samples per CPU-second at the paper's sizes (one loader thread's worth
+  of work: tar read, JPEG decode, resize to G × G, Zarr reads, flip/jitter, tensors, collate).
+
+`exact_ceiling_speedup` in the detail: the previous cost ÷ the cost of the parts these exact batches
+cannot do without (tar read, JPEG decode, the bicubic resize, Zarr reads) — the most any change that
+keeps the batches identical could reach.
+
+The detail gives the breakdown per part (each product function wrapped with a CPU timer while the
+real `TargetStream.batches` runs), the measure behind every figure. CPU time (`process_time`) is used
+because other jobs on a shared machine do not inflate it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from train_fixtures import raw_config, stream_for, write_photos
+
+import student.data as data_mod
+from student.data import EpochPlan
+
+SETTINGS = {  # name → photo sizes, crops, corpus
+    "quickstart": {"sizes": ((640, 480), (480, 640), (640, 427)),
+                   "crops": {"min_region": 256, "patch": 224, "local_count": 2, "global_size": 392, "local_store": 196},
+                   "corpus": {"image_format": "jpeg", "max_region": 1024}},
+    "paper": {"sizes": ((1536, 1024), (1024, 1536), (1280, 960)),
+              "crops": {"min_region": 644, "patch": 560, "local_count": 4, "global_size": 560, "local_store": 392},
+              "corpus": {"image_format": "jpeg", "max_region": 1024}},
+}
+PARTS = {  # part → (module attribute of student.data wrapped with a CPU timer)
+    "tar read": "iter_shard", "jpeg decode": "decode_trusted", "resize to G×G": "resize",
+    "zarr reads": ("read_targets", "read_target_span"), "jitter": "jitter", "collate": "collate"}
+
+
+def _build(folder: Path, name: str, n: int):
+    """shard → teach → score (inline, the tests' cheap synthetic teachers) photo-like JPEG regions."""
+    import stages.score
+    import stages.shard
+    import stages.teach
+    from pipeline.config import load_config
+
+    s = SETTINGS[name]
+    src = write_photos(folder / name / "src", n, sizes=s["sizes"])
+    raw = raw_config(folder / name / "root", src, shard_size=16, crops=s["crops"],
+                     train={"batch_size": 4, "jitter": 0.1, "flip": True})
+    raw["corpus"].update(s["corpus"])
+    cfg = load_config(raw=raw)
+    for stage in (stages.shard, stages.teach, stages.score):
+        stage.run(cfg)
+    return cfg
+
+
+def _plain_jitter(image, b, c, sat):
+    """The jitter as it was: one float64 expression with six full-size temporaries."""
+    gray = image.mean(axis=2, keepdims=True)
+    return np.clip(((image - gray) * sat + gray - image.mean()) * c + image.mean() * b, 0, 1)
+
+
+class _Orthogonal(data_mod.ShardTargets):
+    """The read as it was: every batch reads its rows with one orthogonal selection per array."""
+
+    def read(self, rows):
+        return data_mod._values_and_masks(self.group, rows,
+                                          lambda arr: arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+
+
+@contextlib.contextmanager
+def _previous_loader():
+    real = data_mod.jitter, data_mod.ShardTargets
+    data_mod.jitter, data_mod.ShardTargets = _plain_jitter, _Orthogonal
+    try:
+        yield
+    finally:
+        data_mod.jitter, data_mod.ShardTargets = real
+
+
+@contextlib.contextmanager
+def _timed_parts(acc: dict[str, float]):
+    """Wrap each part's product function with a CPU timer (no part calls another)."""
+    saved = {}
+    for part, names in PARTS.items():
+        for name in (names if isinstance(names, tuple) else (names,)):
+            fn = saved[name] = getattr(data_mod, name)
+
+            def timed(*a, _fn=fn, _part=part, **k):
+                t0 = time.process_time()
+                try:
+                    out = _fn(*a, **k)
+                    if _part == "tar read":  # a generator: time its iteration, not its creation
+                        out = list(out)
+                    return out
+                finally:
+                    acc[_part] = acc.get(_part, 0.0) + time.process_time() - t0
+            setattr(data_mod, name, timed)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(data_mod, name, fn)
+
+
+def _epoch(cfg, profile: dict | None = None) -> tuple[list[dict], float, int]:
+    """One epoch of batches in this thread: (batches, CPU s, samples)."""
+    stream = stream_for(cfg)
+    plan = EpochPlan({s: len(r) for s, r in stream.shard_rows.items()}, cfg.run.seed, 1, cfg.train.batch_size)
+    n = plan.steps(1)
+    with _timed_parts(profile) if profile is not None else contextlib.nullcontext():
+        t0 = time.process_time()
+        out = list(stream.batches(1, 0, 1, n))
+        cpu = time.process_time() - t0
+    return out, cpu, n * cfg.train.batch_size
+
+
+def measure(cfg, repeats: int) -> dict:
+    best_new, best_old, parts, identical = float("inf"), float("inf"), {}, True
+    for _ in range(repeats):  # interleaved; the best of each (the machine may be shared)
+        with _previous_loader():
+            old, cpu_old, n = _epoch(cfg)
+        new, cpu_new, _ = _epoch(cfg)
+        identical &= len(old) == len(new) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                                  for a, b in zip(old, new))
+        best_old, best_new = min(best_old, cpu_old / n), min(best_new, cpu_new / n)
+    acc: dict[str, float] = {}
+    _, cpu, n = _epoch(cfg, acc)
+    breakdown = {p: round(1000 * v / n, 2) for p, v in acc.items()}
+    breakdown["the rest (flip, casts, masks, tensors)"] = round(1000 * cpu / n - sum(breakdown.values()), 2)
+    # Reading and decoding the stored bytes and the bicubic resize are needed for these exact batches:
+    # if all else cost nothing, the speedup could be no larger than this.
+    floor = sum(breakdown[p] for p in ("tar read", "jpeg decode", "resize to G×G", "zarr reads"))
+    return {"exact_ceiling_speedup": round(1000 * best_old / floor, 2), "samples": n, "previous_cpu_ms_per_sample": round(1000 * best_old, 2),
+            "cpu_ms_per_sample": round(1000 * best_new, 2), "speedup": round(best_old / best_new, 2),
+            "identical_batches": bool(identical), "breakdown_ms_per_sample": breakdown,
+            "global_size": cfg.crops.global_size, "local": [cfg.crops.local_count, cfg.crops.local_store]}
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SETTINGS:
+            cfg = _build(Path(tmp), name, 16 if quick else 48)
+            r = measure(cfg, 1 if quick else 3)
+            goal = ">= 3" if r["identical_batches"] else "== identical batches (they differ)"
+            out[f"ingest_speedup_{name}"] = {"value": r["speedup"] if r["identical_batches"] else None,
+                                             "unit": "× CPU per sample", "goal": goal, "detail": r}
+            if name == "paper":
+                out["P7_ingest_samples_per_core"] = {
+                    "value": round(1000 / r["cpu_ms_per_sample"], 1), "unit": "samples / CPU-s", "goal": None,
+                    "detail": {"cpu_ms_per_sample": r["cpu_ms_per_sample"],
+                               "cores_per_gpu": "not stated: no cited DAv2-L step time and no GPU lent to measure one"}}
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run("--quick" in sys.argv), indent=1))
