@@ -129,7 +129,7 @@ def _epoch(cfg, profile: dict | None = None) -> tuple[list[dict], float, int]:
 
 
 def measure(cfg, repeats: int) -> dict:
-    best_new, best_old, parts, identical = float("inf"), float("inf"), {}, True
+    best_new, best_old, identical = float("inf"), float("inf"), True
     for _ in range(repeats):  # interleaved; the best of each (the machine may be shared)
         with _previous_loader():
             old, cpu_old, n = _epoch(cfg)
