@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.images import IMAGE_EXTS
 from pipeline.redact import redact_tree
 
 
@@ -73,7 +74,7 @@ class CorpusCfg(Section):
     min_side: int = Field(32, ge=1)
     max_aspect: float = Field(4.0, ge=1.0)
     max_region: int = Field(1024, ge=14, le=MAX_SIDE, description="stored global region is capped at this side (px)")
-    extensions: list[str] = Field([".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"], min_length=1)
+    extensions: list[str] = Field(list(IMAGE_EXTS), min_length=1)
     timeout: float = Field(30.0, gt=0, le=3600, description="URL sources: seconds to connect, and to wait for "
                                                              "each read")
     retries: int = Field(2, ge=0, le=20, description="URL sources: attempts after the first that timed out or "

@@ -23,6 +23,8 @@ class Rejected(ValueError):
     """An input that cannot become a sample; str(exc) is the reason recorded in rejects.parquet."""
 
 
+# File extensions read as images, by default (corpus.extensions, dad predict, folder datasets).
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 BYTES_PER_PIXEL = 8            # 16-bit RGBA, uncompressed: the most any decodable layout stores per pixel
 METADATA_BYTES = 64 << 20      # EXIF, ICC profiles, thumbnails, padding
 

@@ -64,6 +64,7 @@ from pipeline.config import DadConfig, EvalCfg
 from pipeline.datasets import EvalDataset, EvalSample, open_dataset
 from pipeline.redact import redact_tree
 from pipeline.storage import Root
+from student.checkpoint import checkpoint_name, checkpoint_steps
 from student.infer import predict_disparity
 from student.metrics import METRIC_KEYS, align, align_disparity, baseline_predictions, evaluate_prediction
 
@@ -417,8 +418,8 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     if not fs.isdir(p):
         return path, posixpath.splitext(posixpath.basename(base))[0]
     names = sorted(posixpath.basename(f.rstrip("/")) for f in fs.ls(p, detail=False))
-    ckpts = [n for n in names if re.fullmatch(r"ckpt-\d+\.pt", n)]
-    pick = "model.pt" if "model.pt" in names else (ckpts[-1] if ckpts else None)
+    steps = checkpoint_steps(names)
+    pick = "model.pt" if "model.pt" in names else (checkpoint_name(steps[-1]) if steps else None)
     if pick is None:
         raise FileNotFoundError(f"{path} is a folder without model.pt or ckpt-*.pt")
     return f"{base}/{pick}", posixpath.basename(base)

@@ -27,6 +27,7 @@ from pipeline.config import DadConfig
 from pipeline.models import digest, is_remote
 from pipeline.storage import Root, temp_file
 from stages.evaluate import BASELINES, resolve_checkpoint, safe_name
+from student.checkpoint import CHECKPOINT_NAME
 
 log = logging.getLogger("dad.export")
 STAGE = "export"
@@ -250,7 +251,7 @@ def card_markdown(card: dict) -> str:
 
 def _name(path: str) -> str:
     stem = posixpath.splitext(posixpath.basename(path))[0]
-    generic = re.fullmatch(r"model|ckpt-\d+", stem)
+    generic = stem == "model" or CHECKPOINT_NAME.match(f"{stem}.pt")
     return safe_name(posixpath.basename(posixpath.dirname(path)) if generic else stem)
 
 

@@ -29,14 +29,13 @@ import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import DadConfig
-from pipeline.images import Rejected, decode_rgb, encode
+from pipeline.images import IMAGE_EXTS, Rejected, decode_rgb, encode
 from pipeline.plots import colorize
 from pipeline.storage import Root
 from student.infer import processing_size, to_batch
 
 log = logging.getLogger("dad.predict")
 STAGE = "predict"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 40_000_000
 GLOB_CHARS = "*?["
 

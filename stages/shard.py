@@ -53,6 +53,7 @@ from pipeline.corpus import (
     file_digest,
     mismatch,
     object_sizes,
+    shard_name,
     shard_rel,
 )
 from pipeline.crops import PLAN_VERSION, plan_crops
@@ -279,14 +280,13 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
             region = resize(rgb[y0:y0 + s, x0:x0 + s], (stored, stored))
             index = len(manifest)
             row = {"sample_id": sample_id, "row": job.shard * c.shard_size + index, "shard": job.shard,
-                   "index": index, "source_uri": uri, "width": w, "height": h, "region_x0": x0,
-                   "region_y0": y0, "region_side": s, "stored_side": stored, "patch": plan.patch,
-                   "boxes": [list(b) for b in plan.boxes], "sha256": sha}
+                   "index": index, "source_uri": uri, "width": w, "height": h, **plan.to_row(),
+                   "stored_side": stored, "sha256": sha}
             ext = "png" if c.image_format == "png" else "jpg"
             tar.write({"__key__": sample_id, ext: encode(region, c.image_format, c.jpeg_quality),
                        "json": json.dumps(row, sort_keys=True).encode()})
             manifest.append(row)
-    name = f"{job.shard:06d}"
+    name = shard_name(job.shard)
     tar_digest = digest_of(buf.getvalue())
     if job.expect is not None and tar_digest != job.expect:
         raise ShardCorruptError(mismatch(
@@ -314,7 +314,7 @@ def finalize(root: Root, listing: pa.Table, jobs: list[ShardJob], recorded: dict
     recorded = recorded or {}
 
     def part(shard: int, kind: str) -> pa.Table:
-        rel = f"corpus/parts/{shard:06d}.{kind}.parquet"
+        rel = f"corpus/parts/{shard_name(shard)}.{kind}.parquet"
         data = root.read_bytes(rel)
         want = (recorded.get(shard) or {}).get(rel)
         if want is not None and digest_of(data) != want:
@@ -361,14 +361,14 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, ve
         listing = list_corpus(root, cfg, ex, ledger, fp)
         jobs = assign(listing, cfg.corpus.shard_size)
         done = ledger.done(STAGE, "_", fp)
-        recorded = cell_objects(ledger, fp, [j.shard for j in jobs if f"{j.shard:06d}" in done])
+        recorded = cell_objects(ledger, fp, [j.shard for j in jobs if shard_name(j.shard) in done])
         damaged = damaged_cells(root, recorded, deep=verify)
         for shard, why in sorted(damaged.items()):  # the marker stays: a rebuild is checked against it
             log.warning("shard: %s: rebuilding it", why.rsplit(": ", 1)[0])
         unrecorded = [s for s, objs in recorded.items() if objs is None and verify]
         if unrecorded:  # sharded before digests existed: rebuilt, kept only if byte-identical, then recorded
             log.info("shard: %d shard(s) have no recorded digests: rebuilding them to record them", len(unrecorded))
-        todo = [j for j in jobs if f"{j.shard:06d}" not in done or j.shard in damaged or j.shard in unrecorded]
+        todo = [j for j in jobs if shard_name(j.shard) not in done or j.shard in damaged or j.shard in unrecorded]
         for j in todo:
             if j.shard in recorded:
                 objs = recorded[j.shard]
@@ -392,7 +392,7 @@ def cell_objects(ledger: Ledger, fp: str, shards: list[int]) -> dict[int, dict |
     out: dict[int, dict | None] = {}
     for s in shards:
         try:
-            out[s] = ledger.info(STAGE, "_", f"{s:06d}", fp).get("objects")
+            out[s] = ledger.info(STAGE, "_", shard_name(s), fp).get("objects")
         except (FileNotFoundError, ValueError):
             out[s] = None
     return out

@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -41,6 +40,7 @@ from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
 from pipeline.runtime import init_ray, require_resources, use_inline, worker_request
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
+from student.checkpoint import checkpoint_name, checkpoint_steps
 from student.data import EpochPlan, StreamSpec, TargetStream
 from student.trainer import (
     NonFiniteStep,
@@ -54,7 +54,6 @@ from student.trainer import (
 
 log = logging.getLogger("dad.train")
 STAGE = "train"
-CKPT = re.compile(r"^ckpt-(\d{7})\.pt$")
 LOGS = ("metrics.jsonl", "val.jsonl")
 KEEP_CHECKPOINTS = 2  # ckpt-*.pt files kept (the newest); model.pt (the final weights) is always kept
 RESUME_FREE = {"steps", "checkpoint_every", "log_every", "workers", "cpus_per_worker", "gpus_per_worker",
@@ -242,8 +241,8 @@ def check_compatible(cfg: DadConfig, src: str, what: str, advice: str = "") -> N
 
 
 def latest_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
-    steps = [int(m.group(1)) for f in root.listdir("train", name) if (m := CKPT.match(f))]
-    return (max(steps), root.uri("train", name, f"ckpt-{max(steps):07d}.pt")) if steps else None
+    steps = checkpoint_steps(root.listdir("train", name))
+    return (steps[-1], root.uri("train", name, checkpoint_name(steps[-1]))) if steps else None
 
 
 def resume_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
@@ -252,9 +251,9 @@ def resume_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
     `checkpoint_every` steps, a traceback costs the whole run."""
     from student.checkpoint import CheckpointError
 
-    steps = sorted((int(m.group(1)) for f in root.listdir("train", name) if (m := CKPT.match(f))), reverse=True)
+    steps = checkpoint_steps(root.listdir("train", name))[::-1]
     for step in steps:
-        uri = root.uri("train", name, f"ckpt-{step:07d}.pt")
+        uri = root.uri("train", name, checkpoint_name(step))
         try:
             _source_config(uri)
         except CheckpointError as err:
@@ -272,7 +271,7 @@ class TrainingDiverged(RuntimeError):
 
 def _diverged(root: Root, name: str, step: int, what: str) -> TrainingDiverged:
     kept = latest_checkpoint(root, name)
-    last = (f"train/{name}/ckpt-{kept[0]:07d}.pt is the last finite checkpoint" if kept
+    last = (f"train/{name}/{checkpoint_name(kept[0])} is the last finite checkpoint" if kept
             else "no checkpoint was written before it")
     return TrainingDiverged(f"training diverged at step {step} ({what}); {last}, no final model was written: "
                             f"lower train.lr_encoder / train.lr_decoder and train under a new name (--name NEW)")
@@ -371,7 +370,7 @@ def worker_loop(config: dict) -> None:
                     raise _diverged(root, t.name, step, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
                 extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                          "torch_rng": torch.get_rng_state(), "fingerprint": config["fingerprint"]}
-                save_checkpoint(core, root.uri("train", t.name, f"ckpt-{step:07d}.pt"), extra=extra)
+                save_checkpoint(core, root.uri("train", t.name, checkpoint_name(step)), extra=extra)
                 _prune_checkpoints(root, t.name)
                 if step == t.steps:
                     save_checkpoint(core, root.uri("train", t.name, "model.pt"))
@@ -412,9 +411,9 @@ def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
 
 
 def _prune_checkpoints(root: Root, name: str) -> None:
-    steps = sorted(int(m.group(1)) for f in root.listdir("train", name) if (m := CKPT.match(f)))
+    steps = checkpoint_steps(root.listdir("train", name))
     for old in steps[:-KEEP_CHECKPOINTS]:
-        root.remove("train", name, f"ckpt-{old:07d}.pt")
+        root.remove("train", name, checkpoint_name(old))
 
 
 def _tensorboard(root: Root, name: str):

@@ -23,6 +23,7 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 
 import fsspec
 import torch
@@ -38,6 +39,19 @@ FORMAT, VERSION = "dad.student", 1
 class CheckpointError(ValueError):
     """The file is not a student checkpoint this code can rebuild."""
 
+
+
+# A run's periodic checkpoints: train/<name>/ckpt-<step, 7 digits>.pt (sorting by name sorts by step).
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{7})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:07d}.pt"
+
+
+def checkpoint_steps(names) -> list[int]:
+    """The steps of the periodic checkpoints among file names, ascending."""
+    return sorted(int(m.group(1)) for n in names if (m := CHECKPOINT_NAME.match(n)))
 
 def save_checkpoint(model: StudentModel | GraphStudent, target, extra: dict | None = None, half: bool = False) -> None:
     """Write `model` (+ `extra`) to a path/URL or a binary file object."""

@@ -204,7 +204,7 @@ def test_each_teacher_reads_its_drawn_rows_in_a_slice_when_dense_and_alone_when_
 
 def test_a_slice_and_single_rows_read_the_same_values(cached):
     root = Root(cached.run.root)
-    group = data_mod._OpenGroup(open_cache(root, list(cached.teachers)[0]))
+    group = data_mod._OpenGroup(open_cache(root, next(iter(cached.teachers))))
     rows = [1, 3, 4]
     dense, sparse = data_mod.ShardTargets(group, [0, 1, 2, 3, 4]), data_mod.ShardTargets(group, [0, 14])
     assert dense.dense and not sparse.dense

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.datasets import layouts, meshes, scenes, textures
 from pipeline.datasets.bullet_args import QUANTUM, ArgPool
@@ -148,24 +146,6 @@ def test_augmentation_changes_rgb_only():
     changed = [not np.array_equal(scenes.render_view(s, size=64, augment=True).rgb,
                                   scenes.render_view(s, size=64).rgb) for s in (0, 1, 2)]
     assert any(changed)
-
-
-def test_write_labeled_and_unlabeled(tmp_path):
-    labeled = scenes.write_labeled(str(tmp_path / "lab"), [7, 8], size=64)
-    assert [os.path.basename(p) for p in labeled] == ["scene_000007.png", "scene_000008.png"]
-    view = scenes.render_view(8, size=64)
-    base = str(tmp_path / "lab" / "scene_000008")
-    np.testing.assert_array_equal(np.asarray(Image.open(base + ".png")), view.rgb)
-    depth = np.load(base + ".npy")
-    assert depth.dtype == np.float32
-    np.testing.assert_array_equal(depth, view.depth)
-    with open(base + ".json") as f:
-        meta = json.load(f)
-    np.testing.assert_allclose(meta["K"], view.K)
-    assert meta["kind"] == view.kind
-    unlabeled = scenes.write_unlabeled(str(tmp_path / "unl"), [8], size=64)
-    assert os.listdir(tmp_path / "unl") == ["scene_000008.png"]
-    np.testing.assert_array_equal(np.asarray(Image.open(unlabeled[0])), view.rgb)
 
 
 @pytest.mark.parametrize("shape,size", [("box", (0.3, 0.2, 0.1)), ("sphere", (0.2,)), ("ellipsoid", (0.3, 0.2, 0.1)),

@@ -28,8 +28,8 @@ from pipeline.datasets.evalbase import (
     read_png_depth,
     read_rgb,
 )
+from pipeline.images import IMAGE_EXTS
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FOLDER_RANGE = (1e-5, float("inf"))
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 

@@ -56,10 +56,6 @@ def quad(width: float, height: float, tile: float, uv_offset=(0.0, 0.0)) -> Mesh
     return Mesh(v, n, uv, np.array([0, 1, 3, 0, 3, 2]))
 
 
-def _transform(m: Mesh, rot: np.ndarray, shift) -> Mesh:
-    return Mesh(m.vertices @ rot.T + np.asarray(shift, float), m.normals @ rot.T, m.uvs, m.indices)
-
-
 FACE_ROTATIONS = {  # rotation taking +z to each face normal
     "+z": np.eye(3),
     "-z": np.diag([1.0, -1.0, -1.0]),
@@ -196,16 +192,3 @@ def half_height(shape: str, size: tuple[float, ...]) -> float:
         "quad": lambda: 0.0,
         "poster": lambda: 0.0,
     }[shape]()
-
-
-def footprint_radius(shape: str, size: tuple[float, ...]) -> float:
-    """Radius of a vertical cylinder that contains the mesh (for non-overlapping placement)."""
-    if shape == "box":
-        return float(np.hypot(size[0], size[1]))
-    if shape in ("sphere", "ellipsoid"):
-        return float(max(size[:2]) if len(size) == 3 else size[0])
-    if shape == "torus":
-        return size[0] + size[1]
-    if shape in ("quad", "poster"):
-        return float(np.hypot(size[0], size[1]) / 2)
-    return float(size[0])

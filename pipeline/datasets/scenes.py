@@ -39,15 +39,12 @@ about 0.4-0.7 MB per scene remains inside pybullet. Pools (``processes > 1``) re
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from multiprocessing import get_context
 
 import numpy as np
-from PIL import Image
 
 from pipeline.datasets import layouts, meshes, photometric, shading
 from pipeline.datasets.bullet_args import arg_pool
@@ -299,29 +296,3 @@ def render_views(seeds: Iterable[int], size: int = 256, processes: int = 1, kind
 
 def view_id(seed: int) -> str:
     return f"scene_{int(seed):06d}"
-
-
-def write_unlabeled(out_dir: str, seeds: Iterable[int], size: int = 256, processes: int = 1) -> list[str]:
-    """Write ``<out_dir>/scene_<seed:06d>.png`` for each seed; returns the paths in seed order."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for v in render_views(seeds, size=size, processes=processes):
-        path = os.path.join(out_dir, view_id(v.seed) + ".png")
-        Image.fromarray(v.rgb).save(path)
-        paths.append(path)
-    return paths
-
-
-def write_labeled(out_dir: str, seeds: Iterable[int], size: int = 256, processes: int = 1) -> list[str]:
-    """Write ``<id>.png`` (RGB), ``<id>.npy`` (float32 depth in metres, 0 = invalid) and ``<id>.json``
-    (K, kind, seed) per seed; returns the PNG paths in seed order."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for v in render_views(seeds, size=size, processes=processes):
-        base = os.path.join(out_dir, view_id(v.seed))
-        Image.fromarray(v.rgb).save(base + ".png")
-        np.save(base + ".npy", v.depth)
-        with open(base + ".json", "w") as f:
-            json.dump({"K": v.K.tolist(), "kind": v.kind, "seed": v.seed, "depth_unit": "m"}, f)
-        paths.append(base + ".png")
-    return paths
