@@ -14,18 +14,18 @@ import os
 import time
 from multiprocessing import get_context
 
-from pipeline.datasets import layouts, scenes
+from scenes import layouts, render
 
 
 def _jobs(seeds, size, supersample=1):
-    return list(scenes._groups(seeds, size, None, False, supersample))
+    return list(render._groups(seeds, size, None, False, supersample))
 
 
 def _rate_in_process(seeds, size, supersample=1) -> tuple[float, float]:
     """(images per wall-clock second, images per CPU second) rendering in this process."""
-    scenes.render_view(10_000, size=size, supersample=supersample)  # warm-up: imports, texture files
+    render.render_view(10_000, size=size, supersample=supersample)  # warm-up: imports, texture files
     wall, cpu = time.perf_counter(), time.process_time()
-    n = sum(len(scenes._render_group(job)) for job in _jobs(seeds, size, supersample))
+    n = sum(len(render._render_group(job)) for job in _jobs(seeds, size, supersample))
     return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
 
 
@@ -34,9 +34,9 @@ def _rate_pool(seeds, size, processes: int) -> tuple[float, float, float]:
     images per CPU second of the workers including their start-up)."""
     t0, children0 = time.perf_counter(), os.times()
     pool = get_context("spawn").Pool(processes)
-    pool.map(scenes._render_group, _jobs(range(20_000, 20_000 + 4 * processes, 4), 64), chunksize=1)
+    pool.map(render._render_group, _jobs(range(20_000, 20_000 + 4 * processes, 4), 64), chunksize=1)
     t1 = time.perf_counter()
-    n = sum(len(v) for v in pool.imap(scenes._render_group, _jobs(seeds, size)))
+    n = sum(len(v) for v in pool.imap(render._render_group, _jobs(seeds, size)))
     t2 = time.perf_counter()
     pool.close()
     pool.join()  # reaped workers' CPU time shows up in os.times().children_*
@@ -54,10 +54,10 @@ def _breakdown(scene_seeds, size) -> dict:
         a = clock()
         scene = layouts.build_scene(s)
         b = clock()
-        with scenes._Client(scene) as client:
+        with render._Client(scene) as client:
             c = clock()
             for cam in range(len(scene.cameras)):
-                scenes._view(client, s * layouts.VIEWS_PER_SCENE + cam, size, False, 1)
+                render._view(client, s * layouts.VIEWS_PER_SCENE + cam, size, False, 1)
             d = clock()
         t["layout"] += b - a
         t["scene_build"] += c - b

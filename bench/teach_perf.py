@@ -168,7 +168,7 @@ def _scene_maps_ratio(tmp: Path, G: int, L: int, K: int, views: int = 16, shard_
     import torch.nn.functional as F
 
     from pipeline.cache import ensure_cache, write_shard
-    from pipeline.datasets.scenes import render_views
+    from scenes.render import render_views
     from pipeline.storage import Root
 
     glob, loc = [], []
@@ -186,7 +186,7 @@ def _scene_maps_ratio(tmp: Path, G: int, L: int, K: int, views: int = 16, shard_
                     torch.stack(loc[s:s + shard_size]).numpy())
     stored = _dir_bytes(tmp / "scene-cache" / "cache" / "scenes") / views
     return {"ratio": round(stored / ((G * G + K * L * L) * 4), 4), "views": views,
-            "maps": "rendered scenes (pipeline.datasets.scenes), disparity 1/z, 0 for sky"}
+            "maps": "rendered scenes (scenes.render), disparity 1/z, 0 for sky"}
 
 
 def _dir_bytes(folder: Path) -> int:

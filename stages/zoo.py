@@ -58,7 +58,7 @@ RENDER_SIZE = 224
 
 
 def render_training_set(n: int, processes: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.datasets.scenes import render_views
+    from scenes.render import render_views
 
     rgbs, disps = [], []
     for v in render_views(range(n), size=RENDER_SIZE, processes=processes, augment=True):
@@ -138,7 +138,7 @@ def model_card(recipe: Recipe, train: dict, metrics: dict, n_renders: int, seed:
              f"A small depth model for the embedded default of `dad`: {recipe.strength}.", "",
              "| | |", "|---|---|",
              "| architecture | `student.model` preset `tiny` (timm ViT, embed 96, depth 4, DPT head), random init |",
-             f"| data | {n_renders} rendered views (`pipeline.datasets.scenes`, seeds 0…{n_renders - 1}, {RENDER_SIZE}², "
+             f"| data | {n_renders} rendered views (`scenes.render`, seeds 0…{n_renders - 1}, {RENDER_SIZE}², "
              "photometric augmentation), textured with scikit-image photographs and procedural textures |",
              f"| training | {'random ' + str(recipe.train_input) + '² crops' if recipe.crop else 'whole views resized to ' + str(recipe.train_input) + '²'}"
              f", {train['steps']} steps × batch {recipe.batch}, AdamW lr {recipe.lr}, SSI (global median/MAD) L1 + gradient loss |",

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.datasets import layouts, meshes, scenes, textures
-from pipeline.datasets.bullet_args import QUANTUM, ArgPool
+from scenes import layouts, meshes, render, textures
+from scenes.bullet_args import QUANTUM, ArgPool
 
 # one view of 20 different scenes (scene = seed // 4), cameras cycling 0..3
 VARIETY_SEEDS = [4 * i + i % 4 for i in range(20)]
@@ -17,10 +17,10 @@ VARIETY_SEEDS = [4 * i + i % 4 for i in range(20)]
 
 @pytest.fixture(scope="module")
 def variety_views():
-    return list(scenes.render_views(VARIETY_SEEDS, size=96))
+    return list(render.render_views(VARIETY_SEEDS, size=96))
 
 
-def _floor_residuals(view: scenes.View) -> tuple[np.ndarray, np.ndarray]:
+def _floor_residuals(view: render.View) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance of back-projected floor pixels to the known floor plane, and their depths."""
     mask = view.floor_mask & (view.depth > 0)
     v, u = np.nonzero(mask)
@@ -35,7 +35,7 @@ def _floor_residuals(view: scenes.View) -> tuple[np.ndarray, np.ndarray]:
 def test_floor_pixels_back_project_onto_the_floor_plane(kind, seed):
     hits = 0
     for s in range(4 * seed, 4 * seed + 4):  # the four cameras of one scene; some may not see the floor
-        view = scenes.render_view(s, kind=kind)
+        view = render.render_view(s, kind=kind)
         assert view.kind == kind
         res, z = _floor_residuals(view)
         if len(z) < 200:
@@ -47,7 +47,7 @@ def test_floor_pixels_back_project_onto_the_floor_plane(kind, seed):
 
 
 def test_floor_plane_holds_with_supersampling():
-    view = scenes.render_view(8, size=96, supersample=2)
+    view = render.render_view(8, size=96, supersample=2)
     res, z = _floor_residuals(view)
     assert len(z) > 100
     assert np.all(np.abs(res) < 0.002 + 5e-4 * z)
@@ -55,7 +55,7 @@ def test_floor_plane_holds_with_supersampling():
 
 def test_intrinsics_principal_point_is_calibrated():
     """The textbook centre (W-1)/2 misplaces floor points; our K must beat it by a wide margin."""
-    view = scenes.render_view(8, size=128)
+    view = render.render_view(8, size=128)
     res, _ = _floor_residuals(view)
     textbook = dataclasses.replace(view, K=view.K.copy())
     textbook.K[:2, 2] = (128 - 1) / 2
@@ -64,9 +64,9 @@ def test_intrinsics_principal_point_is_calibrated():
 
 
 def test_same_seed_same_view_and_batch_equals_single():
-    a = scenes.render_view(5, size=96)
-    b = scenes.render_view(5, size=96)
-    batch = list(scenes.render_views([4, 5, 6], size=96))
+    a = render.render_view(5, size=96)
+    b = render.render_view(5, size=96)
+    batch = list(render.render_views([4, 5, 6], size=96))
     assert [v.seed for v in batch] == [4, 5, 6]
     for x in (b, batch[1]):
         np.testing.assert_array_equal(a.rgb, x.rgb)
@@ -75,7 +75,7 @@ def test_same_seed_same_view_and_batch_equals_single():
 
 
 def test_different_seeds_differ():
-    a, b, c = (scenes.render_view(s, size=96) for s in (4, 5, 40))
+    a, b, c = (render.render_view(s, size=96) for s in (4, 5, 40))
     assert not np.array_equal(a.rgb, b.rgb)  # other camera, same scene
     assert not np.array_equal(a.depth, c.depth)  # other scene
     assert a.textures == b.textures
@@ -83,8 +83,8 @@ def test_different_seeds_differ():
 
 def test_two_processes_match_one():
     seeds = [3, 4, 5, 17]
-    one = list(scenes.render_views(seeds, size=64, processes=1))
-    two = list(scenes.render_views(seeds, size=64, processes=2))
+    one = list(render.render_views(seeds, size=64, processes=1))
+    two = list(render.render_views(seeds, size=64, processes=2))
     assert [v.seed for v in two] == seeds
     for x, y in zip(one, two):
         np.testing.assert_array_equal(x.rgb, y.rgb)
@@ -92,7 +92,7 @@ def test_two_processes_match_one():
 
 
 def test_kind_is_honoured_and_validated():
-    assert scenes.render_view(0, size=64, kind="outdoor").kind == "outdoor"
+    assert render.render_view(0, size=64, kind="outdoor").kind == "outdoor"
     with pytest.raises(ValueError):
         layouts.build_scene(0, "underwater")
 
@@ -137,14 +137,14 @@ def test_textures_never_use_evaluation_material(variety_views):
 
 
 def test_augmentation_changes_rgb_only():
-    clean = scenes.render_view(6, size=96)
-    aug = scenes.render_view(6, size=96, augment=True)
-    aug2 = scenes.render_view(6, size=96, augment=True)
+    clean = render.render_view(6, size=96)
+    aug = render.render_view(6, size=96, augment=True)
+    aug2 = render.render_view(6, size=96, augment=True)
     np.testing.assert_array_equal(clean.depth, aug.depth)
     np.testing.assert_array_equal(aug.rgb, aug2.rgb)
     assert aug.rgb.shape == clean.rgb.shape and aug.rgb.dtype == np.uint8
-    changed = [not np.array_equal(scenes.render_view(s, size=64, augment=True).rgb,
-                                  scenes.render_view(s, size=64).rgb) for s in (0, 1, 2)]
+    changed = [not np.array_equal(render.render_view(s, size=64, augment=True).rgb,
+                                  render.render_view(s, size=64).rgb) for s in (0, 1, 2)]
     assert any(changed)
 
 
@@ -198,18 +198,18 @@ def test_scene_builds_do_not_leak_megabytes():
 
     built = [layouts.build_scene(s) for s in range(500, 560)]
     for scene in built[:20]:  # warm-up: caches and allocator pools
-        scenes._Client(scene).__exit__()
+        render._Client(scene).__exit__()
     before = rss_kb()
     for scene in built[20:]:
-        scenes._Client(scene).__exit__()
+        render._Client(scene).__exit__()
     assert (rss_kb() - before) / 40 < 2000
 
 
 def test_meshes_split_over_several_multibodies_render_the_same(monkeypatch):
     """pybullet caps links per multibody; splitting the scene's meshes must not change any output."""
-    whole = scenes.render_view(21, size=64)
-    monkeypatch.setattr(scenes, "LINKS_PER_BODY", 7)
-    split = scenes.render_view(21, size=64)
+    whole = render.render_view(21, size=64)
+    monkeypatch.setattr(render, "LINKS_PER_BODY", 7)
+    split = render.render_view(21, size=64)
     np.testing.assert_array_equal(whole.rgb, split.rgb)
     np.testing.assert_array_equal(whole.depth, split.depth)
     np.testing.assert_array_equal(whole.floor_mask, split.floor_mask)
@@ -225,7 +225,7 @@ def test_render_memo_returns_the_renderers_exact_views_and_survives_corruption(t
     seeds = [40, 41, 47]
     first = generated.rendered(seeds, 48)
     for s, (rgb, depth, kind) in zip(seeds, first):
-        v = scenes.render_view(s, size=48)
+        v = render.render_view(s, size=48)
         assert np.array_equal(rgb, v.rgb) and np.array_equal(depth, v.depth.astype(np.float32)) and kind == v.kind
     folder = tmp_path / generated.renderer_fingerprint()
     assert sorted(os.listdir(folder)) == ["48-40.npz", "48-41.npz", "48-47.npz"]
@@ -234,7 +234,7 @@ def test_render_memo_returns_the_renderers_exact_views_and_survives_corruption(t
         assert not list(seeds), "rendered again despite the memo"
         return iter(())
 
-    monkeypatch.setattr(scenes, "render_views", no_render)
+    monkeypatch.setattr(render, "render_views", no_render)
     again = generated.rendered(seeds, 48)
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again))
     monkeypatch.undo()
@@ -250,4 +250,4 @@ def test_render_memo_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("DAD_RENDER_CACHE", "off")
     assert generated.render_cache_dir() is None
     rgb, _, _ = generated.rendered([5], 32)[0]
-    assert np.array_equal(rgb, scenes.render_view(5, size=32).rgb)
+    assert np.array_equal(rgb, render.render_view(5, size=32).rgb)

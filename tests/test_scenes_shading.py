@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.datasets import scenes, shading
-from pipeline.datasets.layouts import Scene, look
-from pipeline.datasets.props import Part
+from scenes import render, shading
+from scenes.layouts import Scene, look
+from scenes.props import Part
 
 SIZE = 128
 
@@ -25,9 +25,9 @@ def test_sun_shadow_falls_where_geometry_says():
     scene = _scene_with_floating_box()
     cam = scene.cameras[0]
     to_light = np.array([1.0, 0.0, 1.0]) / np.sqrt(2)  # sun at 45 degrees towards +x
-    with scenes._Client(scene) as client:
+    with render._Client(scene) as client:
         _, depth, groups = client.render(cam, SIZE, {})
-        K = scenes.intrinsics(cam.fov_deg, SIZE)
+        K = render.intrinsics(cam.fov_deg, SIZE)
         points = shading.camera_points(depth, K, cam)
         valid = depth > 0
         light_cam = shading.sun_camera(points[valid], to_light)

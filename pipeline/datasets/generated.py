@@ -76,15 +76,17 @@ def available_photos() -> list[str]:
 # pybullet version, so a changed renderer never serves stale pixels. DAD_RENDER_CACHE=off disables
 # it; DAD_RENDER_CACHE=DIR moves it (default ~/.cache/dad/renders).
 
-RENDERER_MODULES = ("scenes", "layouts", "meshes", "props", "textures", "shading", "photometric", "bullet_args")
+RENDERER_MODULES = ("render", "layouts", "meshes", "props", "textures", "shading", "photometric", "bullet_args")
 
 
 @functools.lru_cache(maxsize=1)
 def renderer_fingerprint() -> str:
     from importlib.metadata import version
 
+    import scenes
+
     h = hashlib.sha256(version("pybullet").encode())
-    here = Path(__file__).parent
+    here = Path(scenes.__file__).parent
     for name in RENDERER_MODULES:
         h.update((here / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
@@ -100,7 +102,7 @@ def render_cache_dir() -> Path | None:
 
 def rendered(seeds: list[int], size: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """(rgb uint8, depth float32, kind) of views `seeds` at `size`, from the memo or rendered (and stored)."""
-    from pipeline.datasets.scenes import render_views
+    from scenes.render import render_views
 
     folder = render_cache_dir()
     out: dict[int, tuple] = {}
@@ -161,7 +163,7 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def _load_view(item: tuple[int, int]) -> EvalSample:
-    from pipeline.datasets.scenes import view_id
+    from scenes.render import view_id
 
     seed, size = item
     [(rgb, depth, kind)] = rendered([seed], size)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.datasets import props
-from pipeline.datasets.props import Part, Prop, material, part, rot_x, rot_z
+from scenes import props
+from scenes.props import Part, Prop, material, part, rot_x, rot_z
 
 KINDS = ("room", "tabletop", "outdoor")
 KIND_WEIGHTS = (0.35, 0.35, 0.30)

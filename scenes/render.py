@@ -46,11 +46,11 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from pipeline.datasets import layouts, meshes, photometric, shading
-from pipeline.datasets.bullet_args import arg_pool
-from pipeline.datasets.layouts import VIEWS_PER_SCENE, Camera, Scene
-from pipeline.datasets.props import build_mesh
-from pipeline.datasets.textures import texture_files
+from scenes import layouts, meshes, photometric, shading
+from scenes.bullet_args import arg_pool
+from scenes.layouts import VIEWS_PER_SCENE, Camera, Scene
+from scenes.props import build_mesh
+from scenes.textures import texture_files
 
 RECYCLE_AFTER_SCENES = 256  # pool workers restart after this many scenes: bounds pybullet's native leak
 MIN_OBJECT_PIXELS = 0.0005  # fraction of the image an object must cover to count as "in view"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.datasets.layouts import Camera, look
+from scenes.layouts import Camera, look
 
 
 def camera_points(depth: np.ndarray, K: np.ndarray, cam: Camera) -> np.ndarray:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.datasets import meshes
-from pipeline.datasets.textures import textures_for
+from scenes import meshes
+from scenes.textures import textures_for
 
 
 @dataclass
