@@ -41,7 +41,8 @@ from pipeline.images import decode_trusted
 from stages.teach import predict_batched, resample, sample_inputs
 from student.checkpoint import load_checkpoint
 from student.data import EpochPlan, collate, draw_teacher, prefetch
-from student.trainer import StepConfig, freeze_unused, make_optimizer, make_scheduler, train_step
+from student.losses import LossConfig
+from student.trainer import freeze_unused, make_optimizer, make_scheduler, train_step
 
 SIZES = {  # quick → corpus, crops, batch; P2 times p2_steps steps, `repeats` paired repetitions
     False: {"n": 32, "size": (192, 144), "batch": 4, "shard": 8, "p2_steps": 8, "repeats": 7,
@@ -72,7 +73,7 @@ def _trainer(cfg, ckpt: str):
     model = _model(ckpt)
     opt = make_optimizer(model, t.lr_encoder, t.lr_decoder, t.weight_decay)
     sched = make_scheduler(opt, t.warmup_steps, 10_000)
-    step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, False)
+    step_cfg = LossConfig.of(t, feature_loss=False)
     return lambda batch: train_step(model, batch, opt, sched, step_cfg, t.grad_clip)
 
 

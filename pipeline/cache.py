@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.layout import cache_group
 from pipeline.storage import Root
 
 ARRAYS = ("global", "local", "global_valid", "local_valid")
@@ -51,13 +52,9 @@ def _compressors() -> tuple:
     return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
 
-def cache_path(teacher: str) -> tuple[str, str]:
-    return ("cache", teacher)
-
-
 def open_cache(root: Root, teacher: str, mode: str = "r") -> zarr.Group:
     try:
-        return zarr.open_group(root.zarr_store(*cache_path(teacher), read_only=mode == "r"), mode=mode)
+        return zarr.open_group(root.zarr_store(*cache_group(teacher), read_only=mode == "r"), mode=mode)
     except FileNotFoundError:
         raise FileNotFoundError(f"no cached targets for teacher {teacher!r} in {root.url}: "
                                 f"run `dad teach --teacher {teacher}`") from None
@@ -66,7 +63,7 @@ def open_cache(root: Root, teacher: str, mode: str = "r") -> zarr.Group:
 def ensure_cache(root: Root, teacher: str, n_shards: int, shard_size: int, g: int, k: int, l: int,
                  attrs: dict) -> zarr.Group:
     """Create the group and arrays if missing (or if their shape changed); always refresh attributes."""
-    group = zarr.open_group(root.zarr_store(*cache_path(teacher)), mode="a")
+    group = zarr.open_group(root.zarr_store(*cache_group(teacher)), mode="a")
     existing = set(group.array_keys()) if group.attrs.get("cache_layout") == LAYOUT else set()
     for name, shape in _shapes(n_shards, shard_size, g, k, l).items():
         if name in existing and group[name].shape == shape:
@@ -110,14 +107,14 @@ def metadata_problems(root: Root, teacher: str, reference: dict[str, bytes], rea
     with another value. {} for a cache not created yet, or one of an older layout (teach recreates it)."""
     def load(key: str):
         try:
-            return json.loads(root.read_bytes(*cache_path(teacher), key))
+            return json.loads(root.read_bytes(*cache_group(teacher), key))
         except FileNotFoundError:
             return None
         except ValueError:  # not JSON (nor UTF-8): damaged
             return "unreadable"
 
     group = load("zarr.json")
-    if group is None and not root.exists(*cache_path(teacher)):
+    if group is None and not root.exists(*cache_group(teacher)):
         return {}
     out = {}
     attrs = group.get("attributes") if isinstance(group, dict) else None
@@ -141,7 +138,7 @@ def repair_metadata(root: Root, teacher: str, keys, reference: dict[str, bytes])
     """Rewrite the given metadata documents with `reference` (from `reference_metadata` with attrs).
     Chunks are left alone: only what describes them is restored."""
     for key in keys:
-        root.write_bytes(reference[key], *cache_path(teacher), key)
+        root.write_bytes(reference[key], *cache_group(teacher), key)
 
 
 def write_shard(group: zarr.Group | Mapping[str, zarr.Array], shard: int, shard_size: int,
@@ -222,7 +219,7 @@ def shard_digests(root: Root, teacher: str, shard: int) -> dict[str, dict | None
     out: dict[str, dict | None] = {}
     for name in ARRAYS:
         try:
-            data = root.read_bytes(*cache_path(teacher), shard_key(name, shard))
+            data = root.read_bytes(*cache_group(teacher), shard_key(name, shard))
         except FileNotFoundError:
             out[name] = None
             continue
@@ -252,7 +249,7 @@ def check_shard(root: Root, teacher: str, shard: int, recorded: dict | None, dee
             size = sizes.get(key)
         else:
             try:
-                size = root.fs.size(root.path(*cache_path(teacher), key))
+                size = root.fs.size(root.path(*cache_group(teacher), key))
             except FileNotFoundError:
                 size = None
         if (size is None) != (want is None) or (want is not None and size != want["bytes"]):
@@ -263,7 +260,7 @@ def check_shard(root: Root, teacher: str, shard: int, recorded: dict | None, dee
 
 def object_sizes(root: Root, teacher: str) -> dict[str, int]:
     """Store key (relative to the teacher's group) → size, for every stored object, in one listing."""
-    base = root.path(*cache_path(teacher)).rstrip("/") + "/"
+    base = root.path(*cache_group(teacher)).rstrip("/") + "/"
     try:
         found = root.fs.find(base, detail=True)
     except FileNotFoundError:

@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import ConfigError, DadConfig, load_config
 from pipeline.errors import describe
+from pipeline.layout import INIT, MODEL, rel_path, train_run
 from pipeline.redact import redact, redact_tree
 
 # What the failing command was working on, for its one-line message (set per invocation).
@@ -388,10 +389,10 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
 
             start = cfg.train.init_from
             if cfg.student.arch == "tflite" and not start:  # the imported teacher, saved by the train stage
-                start = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/init.pt"
+                start = f"{cfg.run.root.rstrip('/')}/{rel_path(train_run(cfg.train.name, INIT))}"
             if start and is_checkpoint_file(start):
                 _guarded(lambda: _run_stage(stage, cfg, checkpoint=start, name=f"start-{cfg.train.name}"))
-            ckpt = f"{cfg.run.root.rstrip('/')}/train/{cfg.train.name}/model.pt"
+            ckpt = f"{cfg.run.root.rstrip('/')}/{rel_path(train_run(cfg.train.name, MODEL))}"
             _guarded(lambda: _run_stage(stage, cfg, checkpoint=ckpt, name=f"student-{cfg.train.name}"))
         else:
             kwargs = {"address": address} if stage in ("shard", "teach", "score", "train") else {}

@@ -21,26 +21,23 @@ import pyarrow as pa
 from webdataset import tariterators
 
 from pipeline.images import decode_trusted
+from pipeline.layout import MANIFEST, corpus_shard, rel_path
 from pipeline.storage import Root
 
 
 def manifest(root: Root, columns: list[str] | None = None) -> pa.Table:
-    if not root.exists("corpus", "manifest.parquet"):
+    if not root.exists(*MANIFEST):
         raise FileNotFoundError(f"no corpus at {root.url}: run `dad shard` first")
-    return root.read_table("corpus", "manifest.parquet", columns=columns)
+    return root.read_table(*MANIFEST, columns=columns)
 
 
 def shard_ids(root: Root) -> list[int]:
     return sorted(set(manifest(root, ["shard"]).column("shard").to_pylist()))
 
 
-def shard_name(shard: int) -> str:
-    return f"{shard:06d}"
-
-
 def shard_rel(shard: int) -> str:
     """The tar's path under the root, as markers and messages name it."""
-    return f"corpus/shards/{shard_name(shard)}.tar"
+    return rel_path(corpus_shard(shard))
 
 
 def iter_shard(root: Root, shard: int, decode: bool = True, expect: dict | None = None
@@ -49,8 +46,8 @@ def iter_shard(root: Root, shard: int, decode: bool = True, expect: dict | None 
 
     `expect` ({"bytes", "sha256"} from the shard's marker): the tar is read once, checked, and only then
     split, so no sample of a shard that differs from what was written is ever yielded."""
-    url = root.uri("corpus", "shards", f"{shard_name(shard)}.tar")
-    with root.fs.open(root.path("corpus", "shards", f"{shard_name(shard)}.tar"), "rb") as f:
+    url = root.uri(*corpus_shard(shard))
+    with root.fs.open(root.path(*corpus_shard(shard)), "rb") as f:
         if expect is not None:
             data = f.read()
             if digest_of(data) != expect:

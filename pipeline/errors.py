@@ -14,6 +14,21 @@ import json
 import re
 from urllib.parse import urlsplit
 
+from pipeline.layout import (
+    CROP_PLAN,
+    LISTING,
+    MANIFEST,
+    METRICS_LOG,
+    REJECTS,
+    SCORES,
+    SELECTION,
+    SELECTION_SUMMARY,
+    SUMMARY,
+    VAL_LOG,
+    rel_path,
+    train_run,
+)
+
 # Ray formats a remote exception as its traceback; the last line is the error itself.
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
 _TMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{8,}$")
@@ -44,15 +59,15 @@ def repair_hint(rel: str) -> str:
         stage, scope = parts[1], parts[2] if len(parts) > 3 else "_"
         flag = {"teach": f" --teacher {scope}", "train": f" --name {scope}"}.get(stage, "")
         return f"delete it and rerun `dad {stage}{flag}` (only that cell is redone)"
-    if rel in ("corpus/manifest.parquet", "corpus/rejects.parquet", "crops/plan.parquet"):
+    if rel in (rel_path(MANIFEST), rel_path(REJECTS), rel_path(CROP_PLAN)):
         return "rerun `dad shard` (it rewrites it from the finished shards)"
-    if rel == "corpus/listing.parquet":
+    if rel == rel_path(LISTING):
         return "delete it and ledger/shard/_/listing.*.json, then rerun `dad shard`"
     if head == "corpus" and len(parts) > 2 and parts[1] == "parts":
         return f"delete it and ledger/shard/_/{name.split('.')[0]}.*.json, then rerun `dad shard`"
-    if rel in ("scores/selection.parquet", "scores/selection_summary.json"):
+    if rel in (rel_path(SELECTION), rel_path(SELECTION_SUMMARY)):
         return "rerun `dad score` (it rewrites the selection)"
-    if rel == "scores/scores.parquet":
+    if rel == rel_path(SCORES):
         return "delete ledger/score/_/scores.*.json and rerun `dad score`"
     if head == "scores" and len(parts) > 2 and parts[1] == "parts":
         return f"delete it and ledger/score/metrics/{name.split('.')[0]}.*.json, then rerun `dad score`"
@@ -187,16 +202,15 @@ def damaged_files(root) -> list[tuple[str, str]]:
                 raise DamagedFileError(root.uri(*parts), "/".join(parts), "not a readable Parquet file") from None
 
     check("dad.toml", lambda p: tomllib.loads(root.read_bytes(*p).decode()))
-    for rel in ("corpus/listing.parquet", "corpus/manifest.parquet", "corpus/rejects.parquet",
-                "crops/plan.parquet", "scores/scores.parquet", "scores/selection.parquet"):
-        check(rel, footer)
-    check("scores/selection_summary.json", lambda p: root.read_json(*p))
+    for parts in (LISTING, MANIFEST, REJECTS, CROP_PLAN, SCORES, SELECTION):
+        check(rel_path(parts), footer)
+    check(rel_path(SELECTION_SUMMARY), lambda p: root.read_json(*p))
     for name in root.listdir("ledger", "_runs"):
         check(f"ledger/_runs/{name}", lambda p: root.read_json(*p))
     for run in root.listdir("train"):
-        check(f"train/{run}/summary.json", lambda p: root.read_json(*p))
-        for log in ("metrics.jsonl", "val.jsonl"):
-            check(f"train/{run}/{log}", lambda p: root.read_jsonl(*p))
+        check(rel_path(train_run(run, SUMMARY)), lambda p: root.read_json(*p))
+        for log in (METRICS_LOG, VAL_LOG):
+            check(rel_path(train_run(run, log)), lambda p: root.read_jsonl(*p))
     return found
 
 

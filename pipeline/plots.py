@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from pipeline.layout import score_plot
 from pipeline.storage import Root  # noqa: E402
 
 CMAP = "Spectral_r"  # perceptual, diverging: near = warm, far = cool (as Depth Anything's demos)
@@ -53,13 +54,13 @@ def score_plots(root: Root, scores: pa.Table, selection: dict) -> None:
         ax.set_title(m)
         ax.set_xlabel("lower is better" if m != "valid_fraction" else "higher is better")
     axes[0].legend()
-    root.write_bytes(png_bytes(fig), "scores", "plots", "metrics_hist.png")
+    root.write_bytes(png_bytes(fig), *score_plot("metrics_hist.png"))
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     share = selection["share"]
     ax.bar(list(share), list(share.values()), color="#4c72b0")
     ax.set_ylabel("mean selection probability")
     ax.set_title(f"selection share ({selection['policy']})")
-    root.write_bytes(png_bytes(fig), "scores", "plots", "selection_share.png")
+    root.write_bytes(png_bytes(fig), *score_plot("selection_share.png"))
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, ylabel: str, log_y: bool = False) -> bytes:

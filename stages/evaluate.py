@@ -62,6 +62,7 @@ import torch
 
 from pipeline.config import DadConfig, EvalCfg
 from pipeline.datasets import EvalDataset, EvalSample, open_dataset
+from pipeline.layout import MODEL, eval_run, train_run
 from pipeline.redact import redact_tree
 from pipeline.storage import Root
 from student.checkpoint import checkpoint_name, checkpoint_steps
@@ -498,10 +499,10 @@ def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = Non
     if not checkpoint and not teacher:
         if not specs:
             return {"stage": STAGE, "skipped": "no eval.datasets configured"}
-        if not root.exists("train", cfg.train.name, "model.pt"):
+        if not root.exists(*train_run(cfg.train.name, MODEL)):
             raise FileNotFoundError(f"nothing to evaluate: no trained student train/{cfg.train.name}/model.pt in "
                                     f"{root.url}; give --checkpoint CKPT or --teacher NAME")
-        checkpoint, name = root.uri("train", cfg.train.name, "model.pt"), name or cfg.train.name
+        checkpoint, name = root.uri(*train_run(cfg.train.name, MODEL)), name or cfg.train.name
     if not specs:
         raise ValueError("no evaluation datasets: pass --dataset kind:PATH or set eval.datasets in the config")
     opened = [(spec, open_dataset(spec)) for spec in specs]  # fail on a bad spec before loading a model
@@ -517,7 +518,7 @@ def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = Non
         n = len(ds) if e.max_samples is None else min(len(ds), e.max_samples)
 
         def save_picture(stem: str, png: bytes) -> None:
-            root.write_bytes(png, "eval", name, "pictures", f"{stem}.png")
+            root.write_bytes(png, *eval_run(name, "pictures", f"{stem}.png"))
 
         with progress(n, f"eval {name} on {label}") as bar:
             task = bar.tasks[0].id
@@ -532,14 +533,14 @@ def run(cfg: DadConfig, checkpoint: str | None = None, teacher: str | None = Non
                  summary["delta1"])
         if summary["n_skipped"]:
             log.warning("%s", skipped_message(name, label, summary))
-    root.write_bytes(per_sample_csv(all_rows), "eval", name, "per_sample.csv")
+    root.write_bytes(per_sample_csv(all_rows), *eval_run(name, "per_sample.csv"))
     metrics = {"name": name, "model": redact_tree(model_info), "datasets": results,  # no URL credentials
                "protocol": {"align": e.align, "resolution": e.resolution, "max_samples": e.max_samples,
                             "min_valid_pixels": e.min_valid_pixels},
                "seconds": round(time.time() - t0, 2)}
-    root.write_json(_json_clean(metrics), "eval", name, "metrics.json")  # last: the completion marker
+    root.write_json(_json_clean(metrics), *eval_run(name, "metrics.json"))  # last: the completion marker
     print_table(name, results)
-    out = {"stage": STAGE, "name": name, "path": root.uri("eval", name)}
+    out = {"stage": STAGE, "name": name, "path": root.uri(*eval_run(name))}
     for ds, m in results.items():
         out.update({f"{ds}.n": m["n"], f"{ds}.abs_rel": _round(m["abs_rel"]), f"{ds}.delta1": _round(m["delta1"])})
     out["seconds"] = round(time.time() - t0, 2)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DadConfig
+from pipeline.layout import eval_run
 from pipeline.models import digest, is_remote
 from pipeline.storage import Root, temp_file
 from stages.evaluate import BASELINES, resolve_checkpoint, safe_name
@@ -273,9 +274,9 @@ def _metrics(cfg: DadConfig | None, name: str, checkpoint: str) -> dict | None:
         return None
     root = Root(cfg.run.root)
     for folder in (name, f"student-{name}"):
-        if not root.exists("eval", folder, "metrics.json"):
+        if not root.exists(*eval_run(folder, "metrics.json")):
             continue
-        m = root.read_json("eval", folder, "metrics.json")
+        m = root.read_json(*eval_run(folder, "metrics.json"))
         scored = (m.get("model") or {}).get("checkpoint")
         if scored and _local(scored) != _local(checkpoint):
             log.warning("export: eval/%s scored %s, not %s: its metrics are left out of the card", folder,

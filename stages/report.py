@@ -20,6 +20,21 @@ from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.config import DadConfig
 from pipeline.corpus import iter_shard, manifest
 from pipeline.images import resize
+from pipeline.layout import (
+    METRICS_LOG,
+    MODEL,
+    REJECTS,
+    REPORT_INDEX,
+    REPORT_PAGES,
+    SELECTION_SUMMARY,
+    SUMMARY,
+    VAL_LOG,
+    cache_group,
+    eval_run,
+    report_page,
+    score_plot,
+    train_run,
+)
 from pipeline.ledger import Ledger
 from pipeline.plots import colorize, line_plot, png_bytes
 from pipeline.storage import Root
@@ -84,8 +99,8 @@ def stage_section(root: Root) -> str:
                   _table(["command", "name", "finished", "seconds", "summary"], runs)]
     parts += ["<p>Cells done per stage and scope (ledger markers):</p>",
               _table(["stage", "scope", "cells", "summary"], cells)]
-    if root.exists("corpus", "rejects.parquet"):
-        rj = root.read_table("corpus", "rejects.parquet").to_pylist()
+    if root.exists(*REJECTS):
+        rj = root.read_table(*REJECTS).to_pylist()
         if rj:
             parts += ["<h3>Rejected inputs</h3>", _table(["source", "reason"], [[r["source_uri"], r["reason"]] for r in rj[:30]])]
             if len(rj) > 30:
@@ -99,9 +114,9 @@ def eval_section(root: Root, cfg: DadConfig) -> str:
         return "<h2>Evaluation</h2><p class=muted>No evaluation yet: run <code>dad eval</code>.</p>"
     by_dataset: dict[str, list[list]] = {}
     for name in runs:
-        if not root.exists("eval", name, "metrics.json"):
+        if not root.exists(*eval_run(name, "metrics.json")):
             continue
-        metrics = root.read_json("eval", name, "metrics.json")
+        metrics = root.read_json(*eval_run(name, "metrics.json"))
         for ds, m in metrics.get("datasets", metrics).items():
             if not isinstance(m, dict) or "abs_rel" not in m:
                 continue
@@ -138,9 +153,9 @@ def init_teacher(cfg: DadConfig) -> str | None:
 
 def licence_note(root: Root, cfg: DadConfig) -> str:
     """The licences of the labels the student learned from: the student inherits their terms."""
-    if not root.exists("train", cfg.train.name, "summary.json"):
+    if not root.exists(*train_run(cfg.train.name, SUMMARY)):
         return ""
-    summary = root.read_json("train", cfg.train.name, "summary.json")
+    summary = root.read_json(*train_run(cfg.train.name, SUMMARY))
     rows = [[n, t["license"], f"{100 * t['label_share']:.0f} %", t["weights"]]
             for n, t in summary.get("teachers", {}).items()]
     if not rows:
@@ -197,7 +212,7 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
     from student.infer import predict_disparity
 
     e = cfg.eval
-    if not e.datasets or not root.exists("train", cfg.train.name, "model.pt"):
+    if not e.datasets or not root.exists(*train_run(cfg.train.name, MODEL)):
         return ""
     models = {}
     for t in cfg.teachers:
@@ -205,7 +220,7 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
             models[t] = load_predictor(teacher=t, cfg=cfg, device="cpu")[0]
         except Exception as err:  # noqa: BLE001 - a teacher that cannot load here (hub) is left out
             log.warning("report: teacher %s left out of the pictures: %s", t, err)
-    models["student"] = load_predictor(checkpoint=root.uri("train", cfg.train.name, "model.pt"), device="cpu")[0]
+    models["student"] = load_predictor(checkpoint=root.uri(*train_run(cfg.train.name, MODEL)), device="cpu")[0]
     parts = ["<h2>Held-out samples: teachers and student against ground truth</h2>",
              "<p>Each prediction is least-squares aligned to the ground truth (as in the evaluation) and drawn on "
              "the ground truth's colour scale (warm = near); black = no ground truth.</p>"]
@@ -226,9 +241,9 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
 def train_section(root: Root) -> str:
     parts = ["<h2>Training</h2>"]
     for name in root.listdir("train"):
-        if not root.exists("train", name, "metrics.jsonl"):
+        if not root.exists(*train_run(name, METRICS_LOG)):
             continue
-        hist = root.read_jsonl("train", name, "metrics.jsonl")  # a line cut short by a crash is dropped
+        hist = root.read_jsonl(*train_run(name, METRICS_LOG))  # a line cut short by a crash is dropped
         if not hist:
             continue
         steps = [h["step"] for h in hist]
@@ -237,8 +252,8 @@ def train_section(root: Root) -> str:
         parts.append(_img(line_plot(losses, f"losses — {name}", "loss", log_y=True), "losses"))
         spread = {"median": (steps, [h["pred_median"] for h in hist]), "spread": (steps, [h["pred_spread"] for h in hist])}
         parts.append(_img(line_plot(spread, "student output range (scale drift watch)", "disparity"), "range"))
-        if root.exists("train", name, "val.jsonl"):
-            val = root.read_jsonl("train", name, "val.jsonl")
+        if root.exists(*train_run(name, VAL_LOG)):
+            val = root.read_jsonl(*train_run(name, VAL_LOG))
             vs = [v["step"] for v in val]
             curves = {"AbsRel": (vs, [v["val_abs_rel"] for v in val]), "δ1": (vs, [v["val_delta1"] for v in val])}
             parts.append(_img(line_plot(curves, f"validation ({val[-1]['val_n']} held-out images)", "metric"),
@@ -248,8 +263,8 @@ def train_section(root: Root) -> str:
 
 def score_section(root: Root) -> str:
     parts = ["<h2>Teacher scores and selection</h2>"]
-    if root.exists("scores", "selection_summary.json"):
-        s = root.read_json("scores", "selection_summary.json")
+    if root.exists(*SELECTION_SUMMARY):
+        s = root.read_json(*SELECTION_SUMMARY)
         parts.append(f"<p>Policy <b>{html.escape(s['policy'])}</b>: {s['kept']} samples kept, {s['dropped']} dropped"
                      + (f"; excluded by licence: {', '.join(s['excluded_by_license'])}" if s["excluded_by_license"] else "")
                      + ".</p>")
@@ -257,8 +272,8 @@ def score_section(root: Root) -> str:
             parts.append(f"<p><b>Warning:</b> teacher <b>{html.escape(n)}</b> runs against the other teachers on "
                          f"{100 * frac:.0f} % of samples: check <code>teachers.{html.escape(n)}.output_space</code>.</p>")
     for png in ("metrics_hist.png", "selection_share.png"):
-        if root.exists("scores", "plots", png):
-            parts.append(_img(root.read_bytes("scores", "plots", png), png))
+        if root.exists(*score_plot(png)):
+            parts.append(_img(root.read_bytes(*score_plot(png)), png))
     return "\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -271,8 +286,8 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
     if not rows:
         return ""
     student = None
-    ckpt = root.uri("train", cfg.train.name, "model.pt")
-    if root.exists("train", cfg.train.name, "model.pt"):
+    ckpt = root.uri(*train_run(cfg.train.name, MODEL))
+    if root.exists(*train_run(cfg.train.name, MODEL)):
         from student.checkpoint import load_checkpoint  # report is a stage: it may use the student
 
         student, _ = load_checkpoint(ckpt)
@@ -280,7 +295,7 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
     import matplotlib.pyplot as plt
     import torch
 
-    teachers = [t for t in cfg.teachers if root.exists("cache", t, "zarr.json")]
+    teachers = [t for t in cfg.teachers if root.exists(*cache_group(t), "zarr.json")]
     cols = 1 + len(teachers) + (student is not None)
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.6 * len(rows)), squeeze=False)
     g = cfg.crops.global_size
@@ -317,8 +332,8 @@ def run(cfg: DadConfig, **_: object) -> dict:
             f'<p class="note">{NOTE_ZOO}</p>' if any(t.adapter == "checkpoint" for t in cfg.teachers.values()) else "",
             licence_note(root, cfg),
             stage_section(root), eval_section(root, cfg), heldout_grid(root, cfg), picture_grid(root, cfg), train_section(root), score_section(root)]
-    for extra in root.listdir("report", "pages"):
-        body.append(root.read_bytes("report", "pages", extra).decode())
+    for extra in root.listdir(*REPORT_PAGES):
+        body.append(root.read_bytes(*report_page(extra)).decode())
     page = f"<!doctype html><meta charset=utf-8><title>dad report</title><style>{CSS}</style>" + "\n".join(body)
-    root.write_bytes(page.encode(), "report", "index.html")
-    return {"stage": STAGE, "path": root.uri("report", "index.html"), "seconds": round(time.time() - t0, 2)}
+    root.write_bytes(page.encode(), *REPORT_INDEX)
+    return {"stage": STAGE, "path": root.uri(*REPORT_INDEX), "seconds": round(time.time() - t0, 2)}

@@ -35,7 +35,8 @@ import pyarrow as pa
 
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.config import DadConfig, ScoreCfg, fingerprint
-from pipeline.corpus import manifest, shard_name
+from pipeline.corpus import manifest
+from pipeline.layout import SCORES, SELECTION, SELECTION_SUMMARY, score_part, shard_name
 from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
 from pipeline.runtime import executor_for
 from pipeline.storage import Root
@@ -108,7 +109,7 @@ def score_shard(shard: int, root: Root, cfg: DadConfig, fp: str) -> dict:
             out.append({"sample_id": smp["sample_id"], "row": smp["row"], "shard": shard, "teacher": n,
                         "agreement": float(np.median([v for v, _ in fits])) if fits else None, **per[n],
                         "anticorrelated": float(np.mean([a for _, a in fits])) if fits else None})
-    root.write_table(pa.Table.from_pylist(out, schema=SCORE_SCHEMA), "scores", "parts", f"{shard_name(shard)}.parquet")
+    root.write_table(pa.Table.from_pylist(out, schema=SCORE_SCHEMA), *score_part(shard))
     Ledger(root).mark(STAGE, "metrics", shard_name(shard), fp, {"rows": len(out)})
     return {"rows": len(out)}
 
@@ -230,15 +231,15 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
             for _ in ex.map(partial(score_shard, root=root, cfg=cfg, fp=mfp), todo, description="score"):
                 pass
         if todo or not ledger.is_done(STAGE, "_", "scores", mfp):
-            parts = [root.read_table("scores", "parts", f"{shard_name(s)}.parquet") for s in shards]
+            parts = [root.read_table(*score_part(s)) for s in shards]
             # Parts scored before a column was added lack it: promote fills it with nulls.
-            root.write_table(pa.concat_tables(parts, promote_options="default"), "scores", "scores.parquet")
+            root.write_table(pa.concat_tables(parts, promote_options="default"), *SCORES)
             ledger.mark(STAGE, "_", "scores", mfp)
-        scores = root.read_table("scores", "scores.parquet")
+        scores = root.read_table(*SCORES)
         sfp = selection_fingerprint(cfg, mfp)
         table, sel = select(cfg, scores)
-        root.write_table(table, "scores", "selection.parquet")
-        root.write_json(sel, "scores", "selection_summary.json")
+        root.write_table(table, *SELECTION)
+        root.write_json(sel, *SELECTION_SUMMARY)
         ledger.mark(STAGE, "_", "selection", sfp, sel)
         try:
             from pipeline.plots import score_plots

@@ -53,11 +53,23 @@ from pipeline.corpus import (
     file_digest,
     mismatch,
     object_sizes,
-    shard_name,
     shard_rel,
 )
 from pipeline.crops import PLAN_VERSION, plan_crops
 from pipeline.images import Rejected, decode_rgb, encode, resize
+from pipeline.layout import (
+    CORPUS_PARTS,
+    CORPUS_SHARDS,
+    CROP_PLAN,
+    LISTING,
+    MANIFEST,
+    REJECTS,
+    SOURCES,
+    corpus_part,
+    corpus_shard,
+    rel_path,
+    shard_name,
+)
 from pipeline.ledger import Ledger, check_recorded, stage_lock
 from pipeline.redact import public
 from pipeline.runtime import executor_for
@@ -75,8 +87,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("sha256", pa.string()),
 ])
 REJECT_SCHEMA = pa.schema([("source_uri", pa.string()), ("reason", pa.string())])
-FINAL_FILES = ("corpus/manifest.parquet", "corpus/rejects.parquet", "crops/plan.parquet")
-SIGNATURE = ("corpus", "sources.parquet")
+FINAL_FILES = tuple(rel_path(p) for p in (MANIFEST, REJECTS, CROP_PLAN))
+SIGNATURE = SOURCES
 
 
 class SourcesChangedError(ValueError):
@@ -115,7 +127,7 @@ def list_corpus(root: Root, cfg: DadConfig, ex, ledger: Ledger, fp: str) -> pa.T
         want = ledger.info(STAGE, "_", "listing", fp).get("objects", {}).get("corpus/listing.parquet")
         why = want and check_object(root, "corpus/listing.parquet", want, deep=True)
         if not why:
-            return root.read_table("corpus", "listing.parquet")
+            return root.read_table(*LISTING)
         log.warning("shard: %s: listing the sources again", why.rsplit(":", 1)[0])
     signature = source_signature(cfg.corpus.sources, cfg.corpus.timeout)  # before hashing: a file changed meanwhile shows later
     units, early = expand_sources(cfg.corpus.sources, cfg.corpus.extensions, Fetch.of(cfg.corpus))
@@ -142,7 +154,7 @@ def list_corpus(root: Root, cfg: DadConfig, ex, ledger: Ledger, fp: str) -> pa.T
     sig = parquet_bytes(pa.Table.from_pylist([{"uri": u, "stamp": st} for u, st in sorted(signature.items())],
                                              schema=pa.schema([("uri", pa.string()), ("stamp", pa.string())])))
     root.write_bytes(sig, *SIGNATURE)
-    root.write_bytes(data, "corpus", "listing.parquet")
+    root.write_bytes(data, *LISTING)
     objects = {"corpus/listing.parquet": digest_of(data), "/".join(SIGNATURE): digest_of(sig)}
     # `private`: how many files or tars the listing names by a public form that is not their URI (credentials,
     # odd names); a rerun that has shards left to write lists the sources again to read them (`private_for`).
@@ -292,10 +304,10 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
         raise ShardCorruptError(mismatch(
             shard_rel(job.shard), tar_digest, job.expect, "rebuilt from its sources it differs, so the sources changed "
             "since `dad shard`: restore them, or shard them into a new --root"))
-    parts = {f"corpus/parts/{name}.manifest.parquet": pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA),
-             f"corpus/parts/{name}.rejects.parquet": pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
+    parts = {rel_path(corpus_part(job.shard, "manifest")): pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA),
+             rel_path(corpus_part(job.shard, "rejects")): pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA)}
     objects = {shard_rel(job.shard): tar_digest}
-    root.write_bytes(buf.getvalue(), "corpus", "shards", f"{name}.tar")
+    root.write_bytes(buf.getvalue(), *corpus_shard(job.shard))
     for rel, table in parts.items():
         data = parquet_bytes(table)
         root.write_bytes(data, rel)
@@ -314,7 +326,7 @@ def finalize(root: Root, listing: pa.Table, jobs: list[ShardJob], recorded: dict
     recorded = recorded or {}
 
     def part(shard: int, kind: str) -> pa.Table:
-        rel = f"corpus/parts/{shard_name(shard)}.{kind}.parquet"
+        rel = rel_path(corpus_part(shard, kind))
         data = root.read_bytes(rel)
         want = (recorded.get(shard) or {}).get(rel)
         if want is not None and digest_of(data) != want:
@@ -401,7 +413,7 @@ def cell_objects(ledger: Ledger, fp: str, shards: list[int]) -> dict[int, dict |
 def damaged_cells(root: Root, recorded: dict[int, dict | None], deep: bool, tars_only: bool = False
                   ) -> dict[int, str]:
     """shard → why, for cells whose stored objects differ from their marker (size; sha256 if deep)."""
-    sizes = None if deep else {**object_sizes(root, "corpus", "shards"), **object_sizes(root, "corpus", "parts")}
+    sizes = None if deep else {**object_sizes(root, *CORPUS_SHARDS), **object_sizes(root, *CORPUS_PARTS)}
     bad = {}
     for s, objs in recorded.items():
         for rel, want in (objs or {}).items():
@@ -453,7 +465,7 @@ def status(cfg: DadConfig, root: Root) -> list[dict]:
     stale = sum(fp not in fps for fps in cells.values())
     total = done
     if ledger.is_done(STAGE, "_", "listing", fp):
-        total = len(assign(root.read_table("corpus", "listing.parquet"), cfg.corpus.shard_size))
+        total = len(assign(root.read_table(*LISTING), cfg.corpus.shard_size))
     note = "complete" if ledger.is_done(STAGE, "_", "final", fp) else ("not started" if not markers else "incomplete")
     notes = [note]
     if note == "complete" and (damaged := verify_corpus(root, cfg)):

@@ -43,10 +43,11 @@ from pipeline.cache import (
     write_shard,
 )
 from pipeline.config import DadConfig, TeacherCfg, fingerprint, with_absolute_paths
-from pipeline.corpus import iter_shard, shard_ids, shard_name
+from pipeline.corpus import iter_shard, shard_ids
 from pipeline.crops import box_pixels
 from pipeline.errors import cause_line
 from pipeline.images import resize
+from pipeline.layout import shard_name
 from pipeline.ledger import Ledger, check_recorded, refuse_if_leased, stage_lock
 from pipeline.runtime import init_ray, progress, require_resources, teacher_request, use_inline
 from pipeline.storage import Root

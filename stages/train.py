@@ -34,17 +34,18 @@ import numpy as np
 import torch
 
 from pipeline.config import DadConfig, fingerprint, with_absolute_paths
-from pipeline.corpus import shard_ids, shard_name
+from pipeline.corpus import shard_ids
 from pipeline.errors import cause_line
+from pipeline.layout import INIT, METRICS_LOG, MODEL, SELECTION, SUMMARY, TENSORBOARD, shard_name, train_run
 from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
 from pipeline.runtime import init_ray, require_resources, use_inline, worker_request
 from pipeline.storage import Root
 from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
 from student.checkpoint import checkpoint_name, checkpoint_steps
 from student.data import EpochPlan, StreamSpec, TargetStream
+from student.losses import LossConfig
 from student.trainer import (
     NonFiniteStep,
-    StepConfig,
     freeze_unused,
     frozen_encoder,
     make_optimizer,
@@ -102,7 +103,7 @@ def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], d
     sfp = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
     if not ledger.is_done("score", "_", "selection", sfp):
         raise FileNotFoundError("no current teacher selection (teachers or score settings changed): run `dad score`")
-    table = root.read_table("scores", "selection.parquet").to_pylist()
+    table = root.read_table(*SELECTION).to_pylist()
     if not table:
         raise ValueError("the selection keeps no samples (score.policy / filter_threshold / exclude_licenses "
                          "dropped every one): loosen them and rerun `dad score` (see scores/selection_summary.json)")
@@ -241,8 +242,8 @@ def check_compatible(cfg: DadConfig, src: str, what: str, advice: str = "") -> N
 
 
 def latest_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
-    steps = checkpoint_steps(root.listdir("train", name))
-    return (steps[-1], root.uri("train", name, checkpoint_name(steps[-1]))) if steps else None
+    steps = checkpoint_steps(root.listdir(*train_run(name)))
+    return (steps[-1], root.uri(*train_run(name, checkpoint_name(steps[-1])))) if steps else None
 
 
 def resume_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
@@ -251,9 +252,9 @@ def resume_checkpoint(root: Root, name: str) -> tuple[int, str] | None:
     `checkpoint_every` steps, a traceback costs the whole run."""
     from student.checkpoint import CheckpointError
 
-    steps = checkpoint_steps(root.listdir("train", name))[::-1]
+    steps = checkpoint_steps(root.listdir(*train_run(name)))[::-1]
     for step in steps:
-        uri = root.uri("train", name, checkpoint_name(step))
+        uri = root.uri(*train_run(name, checkpoint_name(step)))
         try:
             _source_config(uri)
         except CheckpointError as err:
@@ -322,7 +323,7 @@ def worker_loop(config: dict) -> None:
         start = int(extra["step"])
     if rank == 0 and start == 0 and cfg.student.arch == "tflite":
         # the imported teacher as a student checkpoint: `dad run` evaluates it as the student's step 0
-        save_checkpoint(model, root.uri("train", t.name, "init.pt"))
+        save_checkpoint(model, root.uri(*train_run(t.name, INIT)))
     logs = {f: _truncated_log(root, t.name, f, start) for f in LOGS} if rank == 0 else {}
     history, val_history = logs.get("metrics.jsonl", []), logs.get("val.jsonl", [])
     validate = _validator(cfg, device) if rank == 0 and t.val_dataset else None
@@ -335,7 +336,7 @@ def worker_loop(config: dict) -> None:
     selection, shard_rows = load_selection(root, cfg)
     stream = TargetStream(spec, selection, shard_rows)
     plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), world, t.batch_size)
-    step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, t.feature_loss)
+    step_cfg = LossConfig.of(t)
     writer = _tensorboard(root, t.name) if rank == 0 else None
     step, t0, seen = start, time.time(), 0
     usage = np.zeros(len(cfg.teachers), dtype=np.int64)  # teacher draws since the last log line
@@ -370,10 +371,10 @@ def worker_loop(config: dict) -> None:
                     raise _diverged(root, t.name, step, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
                 extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                          "torch_rng": torch.get_rng_state(), "fingerprint": config["fingerprint"]}
-                save_checkpoint(core, root.uri("train", t.name, checkpoint_name(step)), extra=extra)
+                save_checkpoint(core, root.uri(*train_run(t.name, checkpoint_name(step))), extra=extra)
                 _prune_checkpoints(root, t.name)
                 if step == t.steps:
-                    save_checkpoint(core, root.uri("train", t.name, "model.pt"))
+                    save_checkpoint(core, root.uri(*train_run(t.name, MODEL)))
     if writer:
         writer.close()
     mine = {"rank": rank, "steps": step - start, "samples": seen, "shards": {str(e): s for e, s in shards_read.items()}}
@@ -387,7 +388,7 @@ def worker_loop(config: dict) -> None:
         root.write_json({"steps": step, "steps_per_epoch": plan.steps(0), "world": world, "resumed_from": start,
                          "rank_steps": [r["steps"] for r in ranks], "ranks": ranks,
                          "seconds": round(time.time() - t0, 2), **label_provenance(cfg, selection)},
-                        "train", t.name, "summary.json")
+                        *train_run(t.name, SUMMARY))
 
 
 def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
@@ -411,9 +412,9 @@ def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
 
 
 def _prune_checkpoints(root: Root, name: str) -> None:
-    steps = checkpoint_steps(root.listdir("train", name))
+    steps = checkpoint_steps(root.listdir(*train_run(name)))
     for old in steps[:-KEEP_CHECKPOINTS]:
-        root.remove("train", name, checkpoint_name(old))
+        root.remove(*train_run(name, checkpoint_name(old)))
 
 
 def _tensorboard(root: Root, name: str):
@@ -421,21 +422,21 @@ def _tensorboard(root: Root, name: str):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboard is a dependency, but never fail training on it
         return None
-    logdir = root.path("train", name, "tb") if root.is_local else tempfile.mkdtemp(prefix="dad-tb-")
+    logdir = root.path(*train_run(name, TENSORBOARD)) if root.is_local else tempfile.mkdtemp(prefix="dad-tb-")
     return SummaryWriter(logdir)
 
 
 def _truncated_log(root: Root, name: str, file: str, start: int) -> list[dict]:
     """The records of a log up to the step training (re)starts from, rewritten so; [] for a fresh run
     (a crash before the first checkpoint starts the log over)."""
-    if not root.exists("train", name, file):
+    if not root.exists(*train_run(name, file)):
         return []
     if start == 0:
-        root.remove("train", name, file)
+        root.remove(*train_run(name, file))
         return []
     # a line cut short by a crash mid-append is dropped: it is past the checkpoint anyway
-    history = [h for h in root.read_jsonl("train", name, file) if h["step"] <= start]
-    root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, file)
+    history = [h for h in root.read_jsonl(*train_run(name, file)) if h["step"] <= start]
+    root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), *train_run(name, file))
     return history
 
 
@@ -475,19 +476,19 @@ def _validator(cfg: DadConfig, device: torch.device):
 def _log(root: Root, name: str, file: str, history: list[dict], writer, record: dict) -> None:
     line = json.dumps(record) + "\n"
     if root.is_local:  # append; the file was truncated to the resumed step when training (re)started
-        path = root.path("train", name, file)
+        path = root.path(*train_run(name, file))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
             f.write(line)
     else:  # object stores cannot append: rewrite the whole (small) log
-        root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), "train", name, file)
+        root.write_bytes("".join(json.dumps(h) + "\n" for h in history).encode(), *train_run(name, file))
     if writer is not None:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                 writer.add_scalar(k.replace("_", "/", 1), v, record["step"])
         writer.flush()
         if not root.is_local:
-            root.fs.put(writer.log_dir, root.path("train", name, "tb"), recursive=True)
+            root.fs.put(writer.log_dir, root.path(*train_run(name, TENSORBOARD)), recursive=True)
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
                 worker_loop({**payload, "threads": torch.get_num_threads()})
             else:
                 _fit_on_ray(cfg, payload, address)
-        summary = root.read_json("train", t.name, "summary.json")
+        summary = root.read_json(*train_run(t.name, SUMMARY))
         ledger.mark(STAGE, t.name, "final", fp, summary)
     return {"stage": STAGE, "name": t.name, "workers": t.workers, **summary, "seconds": round(time.time() - t0, 2)}
 
@@ -544,7 +545,7 @@ def _progress_from_log(root: Root, t):
 
     def poll() -> None:
         try:
-            text = root.read_bytes("train", t.name, "metrics.jsonl").decode()
+            text = root.read_bytes(*train_run(t.name, METRICS_LOG)).decode()
             record = json.loads(text.rstrip().rsplit("\n", 1)[-1])
         except Exception:  # noqa: BLE001 - no log yet, or a line being written: try again later
             return

@@ -3,13 +3,13 @@
 - `student.model`: timm DINOv2 encoder + Depth Anything v2 DPT head (`build_student`).
 - `student.convert`: initialise a student from a transformers Depth Anything checkpoint.
 - `student.checkpoint`: the one weights-only checkpoint format (`save_checkpoint`, `load_checkpoint`).
-- `student.losses`: the distillation losses of PAPER.md §2-§3 (Eq. 1-9).
+- `student.losses`: the distillation losses of PAPER §2-§3 (Eq. 1-9); `distillation_loss` is Eq. 9 as training uses it.
 - `student.metrics`: affine-invariant evaluation metrics.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .losses import LossWeights, total_loss
+from .losses import LossConfig, distillation_loss
 from .model import StudentConfig, StudentModel, build_student
 
-__all__ = ["CheckpointError", "LossWeights", "StudentConfig", "StudentModel", "build_student", "load_checkpoint",
-           "save_checkpoint", "total_loss"]
+__all__ = ["CheckpointError", "LossConfig", "StudentConfig", "StudentModel", "build_student", "distillation_loss",
+           "load_checkpoint", "save_checkpoint"]

@@ -38,6 +38,7 @@ Terms of Eq. 9, L = L_sc + λ1 L_lg + λ2 L_feat + λ3 L_grad with λ = (0.5, 1.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -178,27 +179,49 @@ def feature_loss(student_feats: torch.Tensor, frozen_feats: torch.Tensor, margin
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    lg: float = 0.5  # λ1, local-global
-    feat: float = 1.0  # λ2, feature alignment
-    grad: float = 2.0  # λ3, gradient matching
+class LossConfig:
+    """Which terms of Eq. 9 a training run uses, their normalisation and weights (the `[train]` keys
+    of the same names; `of(train)` reads them from any object that has them)."""
+
+    norm: str = "hybrid"
+    use_sc: bool = True
+    use_lg: bool = True
+    lambda_lg: float = 0.5    # λ1, local-global
+    lambda_feat: float = 1.0  # λ2, feature alignment
+    lambda_grad: float = 2.0  # λ3, gradient matching
+    feature_loss: bool = False
+
+    @classmethod
+    def of(cls, train, feature_loss: bool | None = None) -> LossConfig:
+        keys = ("norm", "use_sc", "use_lg", "lambda_lg", "lambda_feat", "lambda_grad", "feature_loss")
+        cfg = cls(**{k: getattr(train, k) for k in keys})
+        return cfg if feature_loss is None else dataclasses.replace(cfg, feature_loss=feature_loss)
 
 
-def total_loss(student, teacher, mask=None, *, teacher_locals=None, boxes=None, local_mask=None,
-               student_feats=None, frozen_feats=None, weights: LossWeights = LossWeights(),
-               sc_norm: str = "hybrid", lg_norm: str = "hybrid", grad_norm: str = "global",
-               margin: float = 0.85) -> dict[str, torch.Tensor]:
-    """Eq. 9 on the shared-context pair (+ local boxes, + tokens when given): the terms and "total".
+def distillation_loss(pred: torch.Tensor, batch: dict, cfg: LossConfig, feats=None, frozen_feats=None) -> dict:
+    """Eq. 9 on a batch of cached targets, as training computes it: every term used, and "total".
 
-    L_grad and L_feat apply to the shared-context pair (PAPER.md §3.4 [choice]); a term whose
-    inputs are not given is left out of the dict and of the total.
+    L_grad lives on the shared-context pair (PAPER §3.4 [choice]) and shares its normalisation (global
+    for norm = "none"), so a local-global-only run (use_sc = false) gets no shared-context supervision
+    through it; L_feat needs the encoder's tokens and the frozen copy's.
     """
-    terms = {"sc": shared_context_loss(student, teacher, mask, sc_norm)}
-    if teacher_locals is not None:
-        terms["lg"] = local_global_loss(student, teacher_locals, boxes, local_mask, lg_norm)
-    if student_feats is not None and frozen_feats is not None:
-        terms["feat"] = feature_loss(student_feats, frozen_feats, margin)
-    if weights.grad:
-        terms["grad"] = gradient_loss(student, teacher, mask, grad_norm)
-    terms["total"] = terms["sc"] + sum(getattr(weights, k) * v for k, v in terms.items() if k != "sc")
+    terms: dict[str, torch.Tensor] = {}
+    total = pred.new_zeros(())
+    if cfg.use_sc:
+        if cfg.lambda_grad:  # one normalisation serves both terms
+            grad_norm = "global" if cfg.norm == "none" else cfg.norm
+            terms["sc"], terms["grad"] = shared_context_terms(pred, batch["target"], batch["valid"], cfg.norm,
+                                                              grad_norm)
+        else:
+            terms["sc"] = shared_context_loss(pred, batch["target"], batch["valid"], cfg.norm)
+        total = total + terms["sc"]
+    if cfg.use_lg:
+        terms["lg"] = local_global_loss(pred, batch["locals"], batch["boxes"], batch["local_valid"], cfg.norm)
+        total = total + cfg.lambda_lg * terms["lg"]
+    if "grad" in terms:
+        total = total + cfg.lambda_grad * terms["grad"]
+    if cfg.feature_loss and feats is not None and frozen_feats is not None:
+        terms["feat"] = feature_loss(feats, frozen_feats)
+        total = total + cfg.lambda_feat * terms["feat"]
+    terms["total"] = total
     return terms

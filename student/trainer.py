@@ -1,38 +1,27 @@
-"""The training step and loop of cross-context distillation on cached targets (PAPER §3.6).
+"""The training step of cross-context distillation on cached targets (PAPER §3.6).
 
-Per step: the student predicts the G×G global input once; `L_sc` compares it with the chosen
-teacher's global target, `L_lg` cuts it at the K stored boxes and compares with the teacher's local
-predictions, `L_grad` matches gradients of the normalised shared-context residual (so only with
-`use_sc`), and `L_feat` (optional) keeps the encoder's tokens near a frozen copy of the initial
-encoder. AdamW with separate encoder and decoder learning rates (paper: 5e-6 / 5e-5), linear
-warm-up then poly(0.9) decay, gradient clipping, bf16 autocast on GPU. A step whose loss or
-gradient is NaN/inf raises `NonFiniteStep` before the optimizer moves: a diverged run stops there
-instead of training on (and saving) NaN weights.
+Per step the student predicts the G×G global input once and `student.losses.distillation_loss`
+(Eq. 9) scores it: `L_sc` against the chosen teacher's global target, `L_lg` at the K stored boxes
+against the teacher's local predictions, `L_grad` on the normalised shared-context residual (so only
+with `use_sc`), and optionally `L_feat` against a frozen copy of the initial encoder. AdamW with
+separate encoder and decoder learning rates (paper: 5e-6 / 5e-5), linear warm-up then poly(0.9)
+decay, gradient clipping, bf16 autocast on GPU. A step whose loss or gradient is NaN/inf raises
+`NonFiniteStep` before the optimizer moves: a diverged run stops there instead of training on (and
+saving) NaN weights.
 
-This module is pure torch: it knows nothing of Ray. `stages/train.py` gives it a rank, a world
-size, a model wrapper (DDP) and a place to write checkpoints.
+Pure torch, nothing of Ray: the loop around the step (resume, logging, validation, checkpoints) is
+still `stages/train.py`'s worker loop, which gives it a rank, a model wrapper (DDP) and a place to
+write checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 
-from student.losses import feature_loss, local_global_loss, shared_context_loss, shared_context_terms
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    norm: str = "hybrid"
-    use_sc: bool = True
-    use_lg: bool = True
-    lambda_lg: float = 0.5
-    lambda_feat: float = 1.0
-    lambda_grad: float = 2.0
-    feature_loss: bool = False
+from student.losses import LossConfig, distillation_loss
 
 
 class NonFiniteStep(FloatingPointError):
@@ -90,33 +79,7 @@ def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
     return enc
 
 
-def losses(pred: torch.Tensor, batch: dict, cfg: StepConfig, feats=None, frozen_feats=None) -> dict:
-    """Eq. 9 on cached targets; returns every term and 'total'."""
-    terms: dict[str, torch.Tensor] = {}
-    total = pred.new_zeros(())
-    # L_grad lives on the shared-context pair (PAPER §3.4 [choice]): a local-global-only run
-    # (use_sc = false) must not get shared-context supervision through it
-    if cfg.use_sc:
-        if cfg.lambda_grad:  # one normalisation serves both terms
-            grad_norm = "global" if cfg.norm == "none" else cfg.norm
-            terms["sc"], terms["grad"] = shared_context_terms(pred, batch["target"], batch["valid"], cfg.norm,
-                                                              grad_norm)
-        else:
-            terms["sc"] = shared_context_loss(pred, batch["target"], batch["valid"], cfg.norm)
-        total = total + terms["sc"]
-    if cfg.use_lg:
-        terms["lg"] = local_global_loss(pred, batch["locals"], batch["boxes"], batch["local_valid"], cfg.norm)
-        total = total + cfg.lambda_lg * terms["lg"]
-    if "grad" in terms:
-        total = total + cfg.lambda_grad * terms["grad"]
-    if cfg.feature_loss and feats is not None and frozen_feats is not None:
-        terms["feat"] = feature_loss(feats, frozen_feats)
-        total = total + cfg.lambda_feat * terms["feat"]
-    terms["total"] = total
-    return terms
-
-
-def train_step(model, batch: dict, opt, sched, cfg: StepConfig, grad_clip: float, frozen=None,
+def train_step(model, batch: dict, opt, sched, cfg: LossConfig, grad_clip: float, frozen=None,
                device: torch.device | None = None, amp: bool = False) -> dict[str, float]:
     device = device or torch.device("cpu")
     model.train()
@@ -132,7 +95,7 @@ def train_step(model, batch: dict, opt, sched, cfg: StepConfig, grad_clip: float
                     intermediates_only=True)[-1].flatten(2).transpose(1, 2)
         else:
             pred, feats, frozen_feats = model(batch["image"]), None, None
-    terms = losses(pred.float(), batch, cfg, feats, frozen_feats)
+    terms = distillation_loss(pred.float(), batch, cfg, feats, frozen_feats)
     opt.zero_grad(set_to_none=True)
     terms["total"].backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

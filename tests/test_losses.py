@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from student.losses import (
-    LossWeights,
+    LossConfig,
     crop_resample,
     depth_range_contexts,
+    distillation_loss,
     feature_loss,
     gradient_loss,
     local_global_loss,
     normalized_l1,
     shared_context_terms,
     shift_scale,
-    total_loss,
 )
 
 T = torch.tensor([[[0.0, 1, 2, 3, 4, 8]]])
@@ -195,22 +195,40 @@ def test_feature_loss_hand_worked():
     assert feature_loss(f, f).item() == 0  # all tokens aligned: nothing to pull
 
 
-def test_total_loss_weights():
-    assert LossWeights() == LossWeights(lg=0.5, feat=1.0, grad=2.0)
+def test_distillation_loss_is_eq9_with_the_configured_terms_and_weights():
+    """The one loss training uses: each term equals its own function (L_grad with the shared-context
+    normalisation, global for "none"), the total is Eq. 9's weighted sum, and unused terms are absent."""
+    assert LossConfig() == LossConfig("hybrid", True, True, 0.5, 1.0, 2.0, False)  # the paper's λ1, λ2, λ3
     torch.manual_seed(3)
-    student, teacher = torch.rand(2, 16, 16), torch.rand(2, 16, 16)
+    pred, target = torch.rand(2, 16, 16), torch.rand(2, 16, 16) + 0.1
+    valid = torch.rand(2, 16, 16) > 0.1
     boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 1.0, 1.0]])[None].repeat(2, 1, 1)
-    locals_ = torch.rand(2, 2, 6, 6)
+    batch = {"target": target, "valid": valid, "locals": torch.rand(2, 2, 6, 6) + 0.1, "boxes": boxes,
+             "local_valid": torch.ones(2, 2, 6, 6, dtype=torch.bool)}
     fs, ff = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
-    terms = total_loss(student, teacher, teacher_locals=locals_, boxes=boxes, student_feats=fs, frozen_feats=ff)
-    assert terms["sc"] == normalized_l1(student, teacher, norm="hybrid")
-    assert terms["lg"] == local_global_loss(student, locals_, boxes, norm="hybrid")
-    assert terms["feat"] == feature_loss(fs, ff)
-    assert terms["grad"] == gradient_loss(student, teacher, norm="global")
-    expected = terms["sc"] + 0.5 * terms["lg"] + 1.0 * terms["feat"] + 2.0 * terms["grad"]
-    assert terms["total"].item() == pytest.approx(expected.item())
-    only_sc = total_loss(student, teacher, weights=LossWeights(grad=0.0), sc_norm="none")
-    assert set(only_sc) == {"sc", "total"} and only_sc["total"] == normalized_l1(student, teacher, norm="none")
+    for norm in ("hybrid", "none"):
+        cfg = LossConfig(norm=norm, lambda_lg=0.3, lambda_feat=0.7, lambda_grad=1.5, feature_loss=True)
+        terms = distillation_loss(pred, batch, cfg, fs, ff)
+        assert set(terms) == {"sc", "lg", "grad", "feat", "total"}
+        assert torch.allclose(terms["sc"], normalized_l1(pred, target, valid, norm=norm))
+        assert torch.allclose(terms["lg"], local_global_loss(pred, batch["locals"], boxes, batch["local_valid"], norm))
+        assert torch.allclose(terms["grad"], gradient_loss(pred, target, valid, "global" if norm == "none" else norm))
+        assert terms["feat"] == feature_loss(fs, ff)
+        expected = terms["sc"] + 0.3 * terms["lg"] + 1.5 * terms["grad"] + 0.7 * terms["feat"]
+        assert terms["total"].item() == pytest.approx(expected.item())
+    lg_only = distillation_loss(pred, batch, LossConfig(use_sc=False, lambda_lg=0.5))  # no L_grad without L_sc
+    assert set(lg_only) == {"lg", "total"} and lg_only["total"].item() == pytest.approx(0.5 * lg_only["lg"].item())
+    sc_only = distillation_loss(pred, batch, LossConfig(use_lg=False, lambda_grad=0.0), fs, ff)  # feat off
+    assert set(sc_only) == {"sc", "total"} and torch.equal(sc_only["total"], sc_only["sc"])
+
+
+class _Train:  # the [train] keys LossConfig.of reads
+    norm, use_sc, use_lg, lambda_lg, lambda_feat, lambda_grad, feature_loss = "local", True, False, 0.2, 0.0, 3.0, True
+
+
+def test_loss_config_reads_the_train_section():
+    assert LossConfig.of(_Train()) == LossConfig("local", True, False, 0.2, 0.0, 3.0, True)
+    assert LossConfig.of(_Train(), feature_loss=False).feature_loss is False
 
 
 @pytest.mark.parametrize("norm,grad_norm", [("hybrid", None), ("global", None), ("local", None), ("none", "global")])

@@ -169,9 +169,9 @@ def batches_of(cfg: DadConfig, epoch: int = 0, flip: bool = False) -> list[dict]
 
 @torch.no_grad()
 def mean_loss(model, batches: list[dict], cfg: DadConfig) -> float:
-    from student.trainer import StepConfig, losses
+    from student.losses import LossConfig, distillation_loss
 
     t = cfg.train
-    step_cfg = StepConfig(t.norm, t.use_sc, t.use_lg, t.lambda_lg, t.lambda_feat, t.lambda_grad, False)
+    step_cfg = LossConfig.of(t, feature_loss=False)
     model.eval()
-    return float(np.mean([float(losses(model(b["image"]), b, step_cfg)["total"]) for b in batches]))
+    return float(np.mean([float(distillation_loss(model(b["image"]), b, step_cfg)["total"]) for b in batches]))
