@@ -12,7 +12,7 @@ GT: the label covers the sample's square region (`crops/plan.parquet`: `region_x
 min(side, `corpus.max_region`), and the label is the teacher's prediction on it at G×G), so the GT is
 cut to that region, the label is converted to disparity (`pipeline.cache.as_disparity`, the teacher's
 output space — before resizing, as `dad eval` does and as training consumes it) and resized bilinearly
-to the region's native size, and `stages.evaluate.score_sample` scores it with the project's protocol
+to the region's native size, and `student.evaluation.score_sample` scores it with the project's protocol
 (`eval.align = "inverse_depth"`: per-image least-squares scale+shift in 1/depth, AbsRel; stereo
 disparity GT is fitted and scored in disparity there). Averages are per image, then per `group_family`,
 then across families (realeval's protocol); the plain per-image mean is in the detail.
@@ -143,7 +143,7 @@ def label_disparity(label: np.ndarray, space: str, size: tuple[int, int]) -> np.
 def label_score(label: np.ndarray, space: str, region: Sequence[int], sample, align: str = ALIGN,
                 min_depth: float | None = None, max_depth: float | None = None) -> dict:
     """Score one label covering `region` of `sample` with the eval protocol (`score_sample`): abs_rel, delta1, …"""
-    from stages.evaluate import score_sample
+    from student.evaluation import score_sample
 
     cut = cut_region(sample, region)
     pred = label_disparity(label, space, cut.gt.shape)

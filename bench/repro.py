@@ -411,7 +411,7 @@ class Experiment:
         machine, and one thread keeps the numbers identical whatever the training used)."""
         import torch
 
-        from stages.evaluate import evaluate
+        from student.evaluation import evaluate
 
         out, threads = {}, torch.get_num_threads()
         torch.set_num_threads(1)

@@ -168,8 +168,8 @@ def _scene_maps_ratio(tmp: Path, G: int, L: int, K: int, views: int = 16, shard_
     import torch.nn.functional as F
 
     from pipeline.cache import ensure_cache, write_shard
-    from scenes.render import render_views
     from pipeline.storage import Root
+    from scenes.render import render_views
 
     glob, loc = [], []
     for view in render_views(range(views), size=256):

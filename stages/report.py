@@ -208,7 +208,8 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
     """Evaluation samples with ground truth: RGB | GT | each teacher | the student | the student's error,
     every prediction aligned to GT as in the eval protocol (recomputed here: a few images per dataset)."""
     from pipeline.datasets.eval_sets import open_dataset
-    from stages.evaluate import _fit_max_res, comparison_picture, load_predictor
+    from stages.evaluate import load_predictor
+    from student.evaluation import alignment_max_res, comparison_picture
     from student.infer import predict_disparity
 
     e = cfg.eval
@@ -233,7 +234,7 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
         for i in sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(per_dataset, len(ds))).round()}):
             sample = ds[i]
             preds = {n: predict_disparity(fn, sample.rgb, e.resolution) for n, fn in models.items()}
-            png = comparison_picture(sample, preds, e.align, ds.name, ds.min_depth, ds.max_depth, _fit_max_res(ds))
+            png = comparison_picture(sample, preds, e.align, ds.name, ds.min_depth, ds.max_depth, alignment_max_res(ds))
             parts.append(_img(png, f"{ds.name} {sample.id}"))
     return "\n".join(parts)
 

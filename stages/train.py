@@ -14,7 +14,7 @@ last finite checkpoint and writing neither model.pt nor the final marker. `--ini
 from a student checkpoint or a Depth Anything model directory. `metrics.jsonl` and TensorBoard events record the loss terms,
 learning rates and the predictions' median and spread (students drift in scale, PAPER §2.5).
 With `train.val_dataset`, rank 0 also scores the student every `val_every` steps on a held-out set
-(the eval stage's own protocol, `stages.evaluate.evaluate`) into `val.jsonl` and TensorBoard `val/*`:
+(the eval stage's own protocol, `student.evaluation.evaluate`) into `val.jsonl` and TensorBoard `val/*`:
 a drift or collapse shows during the run, not after it. Validation leaves the weights, the RNG
 streams and therefore a resumed run exactly as they would be without it.
 """
@@ -445,7 +445,7 @@ def _validator(cfg: DadConfig, device: torch.device):
     of `train.val_dataset`, with the eval stage's alignment and resolution. It saves and restores the
     RNG states and the train/eval mode, so validating changes nothing about the training itself."""
     from pipeline.datasets.eval_sets import open_dataset
-    from stages.evaluate import evaluate
+    from student.evaluation import evaluate
 
     t = cfg.train
     dataset = open_dataset(t.val_dataset)  # opened once: a bad path fails at the start, not at step N

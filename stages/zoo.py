@@ -119,7 +119,7 @@ def _fresh_tiny() -> torch.nn.Module:
 
 def evaluate_teacher(model: torch.nn.Module, input_size: int, datasets: list[str]) -> dict:
     from pipeline.datasets import open_dataset
-    from stages.evaluate import evaluate
+    from student.evaluation import evaluate
 
     out = {}
     for spec in datasets:

@@ -1,4 +1,4 @@
-"""stages/evaluate.py: the zero-shot protocol on hand-computed fixtures, on realeval, and through `dad eval`.
+"""student/evaluation.py and stages/evaluate.py: the zero-shot protocol on hand-computed fixtures, on realeval, and through `dad eval`.
 
 The hand-computed fixture is a `folder:` dataset of 28×42 images whose red channel *is* the
 prediction (the fake model returns channel 0): at resolution 28 the processing size equals the
@@ -20,7 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.datasets import open_dataset
-from stages.evaluate import BASELINES, CSV_COLUMNS, aggregate, evaluate, gt_disparity, score_sample
+from stages.evaluate import CSV_COLUMNS
+from student.evaluation import BASELINES, aggregate, evaluate, gt_disparity, score_sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

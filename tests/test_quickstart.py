@@ -138,8 +138,8 @@ def test_report_verdict_says_plainly_whether_the_student_beat_its_start():
 @pytest.mark.timeout(600)
 def test_zoo_teachers_beat_trivial_baselines():
     from pipeline.config import TeacherCfg
-    from stages.evaluate import evaluate
     from stages.teachers import build_teacher
+    from student.evaluation import evaluate
 
     cfg = load_config(QUICKSTART)
     for name, tcfg in cfg.teachers.items():

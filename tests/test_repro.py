@@ -14,8 +14,22 @@ from pathlib import Path
 import pytest
 
 from bench import repro
-from bench.repro import (ARM, ARMS, CLAIMS, TABLE1, TABLE2, TABLE2_HIRES, TABLE4, Sizes, aggregate, headline,
-                         judge, paired_se, tables, verdicts)
+from bench.repro import (
+    ARM,
+    ARMS,
+    CLAIMS,
+    TABLE1,
+    TABLE2,
+    TABLE2_HIRES,
+    TABLE4,
+    Sizes,
+    aggregate,
+    headline,
+    judge,
+    paired_se,
+    tables,
+    verdicts,
+)
 
 DATASETS = ["scenes", "realeval"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

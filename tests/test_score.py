@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ScoreCfg
-from stages.score import SCORE_SCHEMA, pair_metrics, probabilities, select
 from pipeline.targets import aligned_absrel, cut_box
+from stages.score import SCORE_SCHEMA, pair_metrics, probabilities, select
 
 BOXES = [(0.0, 0.0, 0.6, 0.6), (0.4, 0.0, 1.0, 0.6), (0.0, 0.4, 0.6, 1.0), (0.4, 0.4, 1.0, 1.0)]
 

@@ -359,7 +359,7 @@ VAL = "scenes:n=3,seed=900000,size=64"
 
 @pytest.mark.timeout(300)
 def test_validation_is_logged_and_changes_nothing_about_training(cached, tmp_path):
-    from stages.evaluate import evaluate
+    from student.evaluation import evaluate
 
     opts = {"steps": 5, "checkpoint_every": 2, "deterministic": True}
     plain = train_config(copy_run(cached, tmp_path / "plain"), **opts)
