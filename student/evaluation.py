@@ -135,7 +135,7 @@ def render_picture(sample: EvalSample, pred_disp: np.ndarray, result: dict, spac
     scale (GT's 2–98 % range, disparity-like: warm = near); black = no ground truth / failed pixel."""
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import colorize, png_bytes
+    from pipeline.plots import colorize
 
     gt_show, pred_show, err = _aligned_maps(pred_disp, sample, space, min_depth, max_depth, fit_max_res)
     vals = gt_show[np.isfinite(gt_show)]
@@ -150,12 +150,7 @@ def render_picture(sample: EvalSample, pred_disp: np.ndarray, result: dict, spac
     fit_space = "disparity" if sample.gt_type == "disparity" else space
     titles = ["RGB", f"ground truth (as {shown})", f"prediction, LSQ-aligned in {fit_space}",
               f"|error|/GT (0–{ERROR_CAP})  AbsRel {result['abs_rel']:.3f} δ1 {result['delta1']:.3f}"]
-    for ax, img, title in zip(axes, panels, titles):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"{dataset_label} / {sample.id} ({sample.family})", fontsize=9)
-    return png_bytes(fig)
+    return _panels_png(fig, axes, panels, titles, f"{dataset_label} / {sample.id} ({sample.family})")
 
 
 def comparison_picture(sample: EvalSample, preds: dict[str, np.ndarray], space: str, dataset_label: str,
@@ -165,7 +160,7 @@ def comparison_picture(sample: EvalSample, preds: dict[str, np.ndarray], space: 
     last model's relative error. All depth panels share the GT's colour scale, as in render_picture."""
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import colorize, png_bytes
+    from pipeline.plots import colorize
 
     shown, err, titles = [], None, []
     for name, disp in preds.items():
@@ -181,12 +176,7 @@ def comparison_picture(sample: EvalSample, preds: dict[str, np.ndarray], space: 
     h, w = sample.gt.shape
     panel_w = min(2.2 * w / h, 5.0)
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_w, 2.7))
-    for ax, img, title in zip(axes, panels, titles):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"{dataset_label} / {sample.id} ({sample.family})", fontsize=9)
-    return png_bytes(fig)
+    return _panels_png(fig, axes, panels, titles, f"{dataset_label} / {sample.id} ({sample.family})")
 
 
 # -- one dataset ---------------------------------------------------------------------------------
@@ -333,3 +323,14 @@ def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "di
 def safe_name(text: str) -> str:
     """A file-name-safe version of an id or name (slashes and colons become '_')."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def _panels_png(fig, axes, panels, titles, heading: str) -> bytes:
+    from pipeline.plots import png_bytes
+
+    for ax, img, title in zip(axes, panels, titles):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(heading, fontsize=9)
+    return png_bytes(fig)

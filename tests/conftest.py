@@ -174,3 +174,14 @@ def collect_garbage_between_modules():
 
     yield
     gc.collect()
+
+
+@pytest.fixture
+def root_logger_restored():
+    """The CLI points the root logger at CliRunner's stderr, which is closed once `invoke` returns:
+    tests that invoke it and then log restore the handlers it replaced."""
+    import logging
+
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:], logging.root.level = handlers, level

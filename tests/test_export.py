@@ -33,12 +33,7 @@ def scores(abs_rel: float, delta1: float) -> dict:
     return {"n": 15, "abs_rel": abs_rel, "delta1": delta1}
 
 
-@pytest.fixture(autouse=True)
-def _root_logger_restored():
-    """The CLI points the root logger at CliRunner's stderr, which is closed once `invoke` returns."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:], logging.root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("root_logger_restored")
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,7 @@ class ExplodingTeacher(PixelTeacher):
         raise ZeroDivisionError("the teacher's own bug")
 
 
-@pytest.fixture(autouse=True)
-def _root_logger_restored():
-    """The CLI points the root logger at CliRunner's stderr, which is closed once `invoke` returns."""
-    import logging
-
-    handlers, level = logging.root.handlers[:], logging.root.level
-    yield
-    logging.root.handlers[:], logging.root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("root_logger_restored")
 
 
 # -- a prepared run root (shard, teach, score: inline), copied per test --------------------------------

@@ -20,7 +20,14 @@ import os
 
 import pytest
 import torch
-from train_fixtures import build_cached_run, copy_run, live_student, same_weights, train_config, weights
+from train_fixtures import (
+    cached_run_with_student,
+    copy_run,
+    live_student,
+    same_weights,
+    train_config,
+    weights,
+)
 from typer.testing import CliRunner
 
 import stages.train
@@ -58,10 +65,7 @@ def overflowing_init(path) -> str:
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reliability-train")
-    cfg = build_cached_run(folder)
-    live_student(folder / "live.pt")
-    return train_config(cfg, init_from=str(folder / "live.pt"))
+    return cached_run_with_student(tmp_path_factory.mktemp("reliability-train"))
 
 
 @pytest.fixture

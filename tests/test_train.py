@@ -22,7 +22,7 @@ import pytest
 from teach_fixtures import subprocess_env
 from train_fixtures import (
     batches_of,
-    build_cached_run,
+    cached_run_with_student,
     copy_run,
     live_student,
     mean_loss,
@@ -48,10 +48,7 @@ DAD = str(Path(sys.executable).parent / "dad")
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train")
-    cfg = build_cached_run(folder)
-    live_student(folder / "live.pt")
-    return train_config(cfg, init_from=str(folder / "live.pt"))
+    return cached_run_with_student(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture

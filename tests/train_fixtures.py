@@ -87,6 +87,13 @@ def build_cached_run(folder: Path, n_images: int = 15, shard_size: int = 5, teac
     return cfg
 
 
+def cached_run_with_student(folder: Path) -> DadConfig:
+    """`build_cached_run` under folder, training configured to start from a saved tiny student."""
+    cfg = build_cached_run(folder)
+    live_student(folder / "live.pt")
+    return train_config(cfg, init_from=str(folder / "live.pt"))
+
+
 def train_config(cfg: DadConfig, root: str | Path | None = None, score: dict | None = None,
                  run: dict | None = None, student: dict | None = None, **train) -> DadConfig:
     """`cfg` with another root and/or other [train], [score], [run], [student] values."""
