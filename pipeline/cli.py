@@ -32,6 +32,7 @@ from pipeline.redact import redact, redact_tree
 # What the failing command was working on, for its one-line message (set per invocation).
 _state: dict = {"root": None, "debug": False}
 
+
 def _own_exits() -> tuple[type, ...]:
     """An exit on purpose (typer's and click's own, usage errors): not a failure to describe. Typer ≥ 0.20
     raises them from its vendored click (`typer._click`), older ones from click itself."""

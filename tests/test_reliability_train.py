@@ -63,6 +63,22 @@ def overflowing_init(path) -> str:
     return str(path)
 
 
+def nan_loss_at(monkeypatch, step: int, term: str) -> None:
+    """At the `step`-th loss computation `term` turns NaN, and with it the total."""
+    real, calls = student.trainer.distillation_loss, []
+
+    def patched(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == step:
+            terms[term] = terms[term] * math.nan
+            if term != "total":
+                terms["total"] = terms["total"] + terms[term]
+        return terms
+
+    monkeypatch.setattr(student.trainer, "distillation_loss", patched)
+
+
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     return cached_run_with_student(tmp_path_factory.mktemp("reliability-train"))
@@ -113,17 +129,7 @@ def test_huge_learning_rate_stops_at_the_first_nan_step_keeping_the_last_finite_
 @pytest.mark.timeout(300)
 def test_a_loss_term_turning_nan_at_step_k_is_named_and_the_weights_before_it_kept(run_copy, monkeypatch):
     cfg = train_config(run_copy, steps=6, checkpoint_every=2)
-    real, calls = student.trainer.distillation_loss, []
-
-    def nan_lg_at_step_3(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            terms["lg"] = terms["lg"] * math.nan
-            terms["total"] = terms["total"] + terms["lg"]
-        return terms
-
-    monkeypatch.setattr(student.trainer, "distillation_loss", nan_lg_at_step_3)
+    nan_loss_at(monkeypatch, 3, "lg")
     with pytest.raises(stages.train.TrainingDiverged) as err:
         stages.train.run(cfg)
     text = str(err.value)
@@ -140,16 +146,7 @@ def test_dad_train_that_diverges_exits_non_zero_with_one_line(run_copy, tmp_path
     cfg = train_config(run_copy, steps=4, checkpoint_every=1)
     path = tmp_path / "dad.toml"
     path.write_text(cfg.to_toml())
-    real, calls = student.trainer.distillation_loss, []
-
-    def nan_at_step_2(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            terms["total"] = terms["total"] * math.nan
-        return terms
-
-    monkeypatch.setattr(student.trainer, "distillation_loss", nan_at_step_2)
+    nan_loss_at(monkeypatch, 2, "total")
     res = CliRunner().invoke(app, ["train", "-c", str(path)])
     assert res.exit_code != 0 and "✓" not in res.output
     error = [line for line in res.output.splitlines() if "error:" in line]
