@@ -1,12 +1,10 @@
 """Benchmark runner: `python -m bench [--quick] [names...]` (or `make bench`).
 
-Every public module `bench/<name>.py` that defines `run(quick: bool) -> dict[str, dict]` is a
-benchmark; each entry of its result is `{value, unit, goal, detail}` where `goal` is a string such as
-">= 1.0" or "<= 0.5" (or None). Each module runs in its own subprocess, so one that crashes, hangs
-(`BENCH_TIMEOUT`, default 3600 s) or leaves Ray running cannot disturb the others. Results are merged
-into `bench/results.json`: entries of modules not run this time are kept; a module that fails gets an
-entry `<module>` with its error (value null), and its previous entries are dropped. A table of every
-result is printed; the exit status is 1 if any module failed.
+A benchmark is a public module `bench/<name>.py` with `run(quick: bool) -> dict[str, dict]`, each entry
+`{value, unit, goal, detail}` (`goal` like ">= 1.0", or None). Each module runs in its own subprocess
+(timeout `BENCH_TIMEOUT`, default 3600 s), so a crash, a hang or a Ray left running cannot disturb the
+others. Results merge into `bench/results.json` (a failing module gets an entry with its error and loses
+its previous ones); a table is printed, and the exit status is 1 if any module failed.
 """
 
 from __future__ import annotations

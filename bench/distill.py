@@ -2,22 +2,10 @@
 
     python -m bench.distill [--quick] [--seeds N] [--steps N] [--root DIR]
 
-The paper's experiment in miniature, with real models on real photographs: the corpus is the first
-40 images of every source tag of ../shared/data/unlabeled (478 photos), taught once by PyDNet v2
-flip-averaged (primary), PyDNet v2 single-pass (for the control) and FastDepth (assistant). Every arm
-trains the PyDNet v2 graph student from the teacher's own weights (`student.arch = "tflite"`,
-`init_from = "teacher:pydnet"`, input stretched to 256×448) for the same steps, batch and learning
-rate, with training seeds 0, 1, 2:
-
-* `distilled` — the method: shared-context + local-global terms, hybrid normalisation, the score stage's
-  per-sample selection between the flip-averaged primary and the assistant (`DISTILLED_SCORE`);
-* `control` — what the paper improves on: PyDNet v2's plain single-pass global labels alone, global
-  normalisation, no local-global term, no assistant.
-
-Each run is evaluated on ../shared/data/realeval (15 photos with ground truth; reporting only, never
-tuning) and on 64 held-out renders (exact depth), beside the single-pass teacher (the model to beat), the
-flip-averaged teacher, FastDepth and the student's starting weights. Per-image wins against the teacher
-come from each run's per_sample.csv. Results: `bench/results/distill.json`.
+`distilled` (both terms, hybrid normalisation, per-sample selection between the flip-averaged primary and
+FastDepth) and `control` (single-pass PyDNet v2 global labels, global normalisation, no local-global term)
+train the PyDNet v2 graph student from the teacher's weights for the same steps and seeds; each run is
+scored on realeval and held-out renders beside the teachers. Results: `bench/results/distill.json`.
 """
 
 from __future__ import annotations

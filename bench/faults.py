@@ -3,25 +3,9 @@ R5 object storage, R6 hostile-user situations.
 
     python -m bench.faults [--quick] [--trials N] [--node] [--only R1,R3]
 
-* R1 — per stage (shard, teach, score, train), `--trials` times (20; quick: 3): copy a root with the
-  earlier stages done, start the stage in a process forked from a preloaded forkserver (inline
-  executor: the process *is* the stage), SIGKILL it at a uniformly random moment within its clean
-  run time, rerun it, and compare every output with an uninterrupted run (tests/fault_fixtures.py
-  `outputs`). Figures: samples lost, samples duplicated, trials whose outputs differ, reruns that
-  failed; the detail adds how many kills landed mid-stage and the temporary files kills left behind.
-* R2 — `ray.kill` a teach actor mid-stage on a 2-CPU local cluster (1 trial; full: 2): the job must
-  finish with the uninterrupted run's cache. `--node` also SIGKILLs a whole worker node of a 3-node
-  cluster (`ray start` processes) mid-teach — slow and fragile on a busy 2-core machine.
-* R3 — the bad-corpus generator (≥ 25 kinds) through shard → teach → score, 18 bad configs through
-  the config loader, and a corrupted cache shard: crashes, files unaccounted for, corrupt targets
-  trained on.
-* R4 — per stage, two processes on the same root (the second started while the first holds the lock,
-  and both started at once): how often the second was refused, how often both wrote, outputs differing.
-* R5 — shard → teach → score → train (2 steps) → eval with the root on s3:// (moto server) vs local
-  disk: outputs differing.
-* R6 — the hostile-user situations of issue #19 (silent wrong results, lost inputs, kept secrets,
-  one-line errors, impossible resource requests): every case of `tests/test_reliability_*.py`, slow
-  ones included, run by pytest; figures: situations tried, situations handled (their test passed).
+R1 SIGKILLs each stage at a random moment and compares the rerun with an uninterrupted run; R2 kills a
+teach actor (`--node`: a worker node); R3 feeds bad corpora, bad configs and a corrupted cache shard; R4
+starts two writers on one root; R5 puts the root on s3:// (moto); R6 runs `tests/test_reliability_*.py`.
 """
 
 from __future__ import annotations
@@ -37,9 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # R2 --node and R6 *run* pytest there; nothing imports it
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -50,10 +32,12 @@ def _entry(value, unit, goal, detail) -> dict:
 # -- R1 ---------------------------------------------------------------------------------------------------
 
 def r1(work: Path, trials: int, seed: int = 0) -> dict:
-    import fault_fixtures as ff
+    from bench.kit import faults as ff
+    from bench.kit.configs import raw_config
+    from bench.kit.images import write_sources
 
-    src = ff.write_sources(work / "src", 6)
-    raw = ff.fault_raw(work / "unused", src, shard_size=2, steps=4)
+    src = write_sources(work / "src", 6)
+    raw = raw_config(work / "unused", src, preset="fault")
     z = ff.zygote()
     bases = ff.prepare_bases(z, work, raw)
     rng = random.Random(seed)
@@ -96,11 +80,13 @@ def r1(work: Path, trials: int, seed: int = 0) -> dict:
 def r2_actor(work: Path, trials: int) -> dict:
     import threading
 
-    import fault_fixtures as ff
     import numpy as np
     import ray
-    from teach_fixtures import cache_arrays, teach_cfg, write_ramps
 
+    from bench.kit import faults as ff
+    from bench.kit.configs import dad_config
+    from bench.kit.images import write_ramps
+    from bench.kit.teach import cache_arrays
     from pipeline.cache import ARRAYS
     from pipeline.config import RunCfg
     from pipeline.runtime import init_ray
@@ -109,16 +95,16 @@ def r2_actor(work: Path, trials: int) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     init_ray(RunCfg(root="unused", num_cpus=2))
     src = write_ramps(work / "src", 8, sizes=((64, 64),))
-    slow = {"adapter": "fault_fixtures:RegisteringTeacher", "model": "r+2g@1.0", "batch_size": 8, "actors": 2,
+    slow = {"adapter": "bench.kit.faults:RegisteringTeacher", "model": "r+2g@1.0", "batch_size": 8, "actors": 2,
             "num_cpus": 0.5}
-    clean = teach_cfg(work / "clean", src, {"px": {**slow, "model": "r+2g@0"}})
+    clean = dad_config(work / "clean", src, {"px": {**slow, "model": "r+2g@0"}}, preset="teach")
     shard.run(clean)
     teach.run(clean)
     want = cache_arrays(work / "clean", "px")
     results = []
     for i in range(trials):
         root = work / f"actor-{i}"
-        cfg = teach_cfg(root, src, {"px": slow}, executor="ray")
+        cfg = dad_config(root, src, {"px": slow}, preset="teach", executor="ray")
         shard.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "inline"})}))
         registry = ff.make_registry()
         markers = root / "ledger" / "teach" / "px"
@@ -205,16 +191,18 @@ def r6(work: Path) -> dict:
 # -- R3 ---------------------------------------------------------------------------------------------------
 
 def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
-    import fault_fixtures as ff
     import numpy as np
 
+    from bench.kit import faults as ff
+    from bench.kit.bad_inputs import BAD_CONFIGS, bad_corpus, corrupt_bytes
+    from bench.kit.configs import raw_config
     from pipeline.config import ConfigError, load_config
     from pipeline.storage import Root
     from stages import score, shard, teach
 
     out: dict = {"crashes": 0, "crash_details": []}
-    folder, files = ff.bad_corpus(work / "bad")
-    bad_raw = ff.fault_raw(f"memory://bench-faults-{os.getpid()}", folder, shard_size=3)
+    folder, files = bad_corpus(work / "bad")
+    bad_raw = raw_config(f"memory://bench-faults-{os.getpid()}", folder, preset="fault", shard_size=3)
     accounted, wrong_reason = 0, []
     try:
         cfg = load_config(raw=bad_raw)
@@ -235,13 +223,9 @@ def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
     out.update(kinds=len({f.kind for f in files}), files=len(files), unaccounted=len(files) - accounted,
                unexpected=wrong_reason)
 
-    from test_faults import BAD_CONFIGS
-
     config_ok = 0
     for case, (sections, fragment) in BAD_CONFIGS.items():
-        raw_c = {"run": {"root": str(work / "cfg")}, "corpus": {"sources": [str(work)]}}
-        for sec, vals in sections.items():
-            raw_c.setdefault(sec, {}).update(vals)
+        raw_c = raw_config(work / "cfg", work, preset="bare", **sections)
         try:
             load_config(raw=raw_c)
             out["crash_details"].append(f"config {case}: accepted")
@@ -253,8 +237,7 @@ def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
     out.update(bad_configs=len(BAD_CONFIGS), bad_configs_refused_with_key=config_ok)
 
     if cached_root is not None:  # a corrupted cache shard
-        from teach_fixtures import cache_arrays
-
+        from bench.kit.teach import cache_arrays
         from pipeline.cache import CacheCorruptError, shard_key
         from stages import train
 
@@ -262,7 +245,7 @@ def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
         shutil.copytree(cached_root, copy)
         cfg = load_config(raw=ff.with_root(raw, copy))
         before = cache_arrays(copy, "r2g")
-        ff.corrupt_bytes(Path(Root(str(copy)).path("cache", "r2g", shard_key("global", 1))))
+        corrupt_bytes(Path(Root(str(copy)).path("cache", "r2g", shard_key("global", 1))))
         try:
             train.run(cfg)
             trained_on = True
@@ -278,8 +261,7 @@ def r3(work: Path, cached_root: Path | None, raw: dict | None) -> dict:
 # -- R4 ---------------------------------------------------------------------------------------------------
 
 def r4(work: Path, bases, raw: dict, trials: int) -> dict:
-    import fault_fixtures as ff
-
+    from bench.kit import faults as ff
     from pipeline.config import load_config
 
     z = ff.zygote()
@@ -331,21 +313,22 @@ def r4(work: Path, bases, raw: dict, trials: int) -> dict:
 # -- R5 ---------------------------------------------------------------------------------------------------
 
 def r5(work: Path) -> dict:
-    import fault_fixtures as ff
-    from teach_fixtures import write_ramps
-
+    from bench.kit import faults as ff
+    from bench.kit.configs import raw_config
+    from bench.kit.images import write_ramps
+    from bench.kit.s3 import eval_metrics, moto_s3, run_pipeline, write_evalset
     from pipeline.storage import Root
 
     src = write_ramps(work / "src5", 6, sizes=((64, 64),))
-    dataset = ff.write_evalset(work / "evalset")
-    local_raw = ff.fault_raw(work / "local", src, steps=2, eval={"resolution": 28, "pictures": 1})
+    dataset = write_evalset(work / "evalset")
+    local_raw = raw_config(work / "local", src, preset="fault", train={"steps": 2}, eval={"resolution": 28, "pictures": 1})
     s3_raw = ff.with_root(local_raw, "s3://dad-bench/run")
     t0 = time.time()
-    with ff.moto_s3("dad-bench"):
-        ff.run_pipeline(s3_raw, dataset)
+    with moto_s3("dad-bench"):
+        run_pipeline(s3_raw, dataset)
         s3_seconds = time.time() - t0
         t1 = time.time()
-        ff.run_pipeline(local_raw, dataset)
+        run_pipeline(local_raw, dataset)
         local_seconds = time.time() - t1
         differing = []
         for stage in ff.STAGES:
@@ -353,7 +336,7 @@ def r5(work: Path) -> dict:
             differing += [f"{stage}:{k}" for k in set(a.digests) | set(b.digests) if a.digests.get(k) != b.digests.get(k)]
             if sorted(a.units) != sorted(b.units):
                 differing.append(f"{stage}:units")
-        if ff.eval_metrics(Root("s3://dad-bench/run")) != ff.eval_metrics(Root(str(work / "local"))):
+        if eval_metrics(Root("s3://dad-bench/run")) != eval_metrics(Root(str(work / "local"))):
             differing.append("eval:metrics.json")
     return {"outputs_compared": sum(len(ff.outputs(local_raw, s).digests) for s in ff.STAGES) + 1,
             "differing": differing, "s3_seconds": round(s3_seconds, 1), "local_seconds": round(local_seconds, 1)}
@@ -362,7 +345,9 @@ def r5(work: Path) -> dict:
 # -- driver -------------------------------------------------------------------------------------------------
 
 def run(quick: bool = False, trials: int | None = None, node: bool = False, only: set[str] | None = None) -> dict:
-    import fault_fixtures as ff
+    from bench.kit import faults as ff
+    from bench.kit.configs import raw_config
+    from bench.kit.images import write_sources
 
     trials = trials or (3 if quick else 20)
     only = only or {"R1", "R2", "R3", "R4", "R5", "R6"}
@@ -370,8 +355,8 @@ def run(quick: bool = False, trials: int | None = None, node: bool = False, only
     results: dict[str, dict] = {}
     figures: dict = {"trials_per_stage": trials}
     try:
-        src = ff.write_sources(work / "src", 6)
-        raw = ff.fault_raw(work / "unused", src, shard_size=2, steps=4)
+        src = write_sources(work / "src", 6)
+        raw = raw_config(work / "unused", src, preset="fault")
         bases = None
         if "R1" in only:
             print(f"R1: {trials} SIGKILL trials per stage", flush=True)

@@ -1,21 +1,10 @@
 """The training loader's ingest cost (issue #20): `python -m bench.ingest [--quick]`.
 
-* `ingest_speedup_quickstart`, `ingest_speedup_paper` — CPU time per sample of the previous loader ÷
-  the current one, side by side in one run on the same cached run, at the quickstart's sizes (G = 392,
-  L = 196, K = 2, 640 × 480 photos) and the paper's (G = 560, L = 392, K = 4, regions up to 1024 px).
-  "Previous" is the current stream with its two former hot spots put back: Zarr's orthogonal selection
-  per batch (no slab reads) and the jitter as one plain float64 expression. Both must yield the same
-  batches to the bit, which is checked. Goal ≥ 3.
-* `P7_ingest_samples_per_core` — samples per CPU-second at the paper's sizes (one loader thread's worth
-  of work: tar read, JPEG decode, resize to G × G, Zarr reads, flip/jitter, tensors, collate).
-
-`exact_ceiling_speedup` in the detail: the previous cost ÷ the cost of the parts these exact batches
-cannot do without (tar read, JPEG decode, the bicubic resize, Zarr reads) — the most any change that
-keeps the batches identical could reach.
-
-The detail gives the breakdown per part (each product function wrapped with a CPU timer while the
-real `TargetStream.batches` runs), the measure behind every figure. CPU time (`process_time`) is used
-because other jobs on a shared machine do not inflate it.
+`ingest_speedup_{quickstart,paper}`: CPU time per sample of the previous loader (Zarr orthogonal selection
+per batch, the jitter as one float64 expression) ÷ the current one, side by side, checked to yield the
+same batches to the bit (goal ≥ 3); `exact_ceiling_speedup` is the most identical batches allow.
+`P7_ingest_samples_per_core`: samples per CPU-second at the paper's sizes. CPU time (`process_time`), so
+other jobs on a shared machine do not inflate it; the detail breaks the cost down per part.
 """
 
 from __future__ import annotations
@@ -29,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from train_fixtures import raw_config, stream_for, write_photos
-
 import student.data as data_mod
+from bench.kit.configs import dad_config
+from bench.kit.images import write_photos
+from bench.kit.train import stream_for
 from student.data import EpochPlan
 
 SETTINGS = {  # name → photo sizes, crops, corpus
@@ -45,7 +33,7 @@ SETTINGS = {  # name → photo sizes, crops, corpus
               "corpus": {"image_format": "jpeg", "max_region": 1024}},
 }
 PARTS = {  # part → (module attribute of student.data wrapped with a CPU timer)
-    "tar read": "iter_shard", "jpeg decode": "decode_trusted", "resize to G×G": "resize",
+    "tar read": "iter_shard", "jpeg decode": "decode_trusted", "resize to G×G": "global_input",
     "zarr reads": ("read_targets", "read_target_span"), "jitter": "jitter", "collate": "collate"}
 
 
@@ -54,14 +42,11 @@ def _build(folder: Path, name: str, n: int):
     import stages.score
     import stages.shard
     import stages.teach
-    from pipeline.config import load_config
 
     s = SETTINGS[name]
     src = write_photos(folder / name / "src", n, sizes=s["sizes"])
-    raw = raw_config(folder / name / "root", src, shard_size=16, crops=s["crops"],
+    cfg = dad_config(folder / name / "root", src, shard_size=16, corpus=s["corpus"], crops=s["crops"],
                      train={"batch_size": 4, "jitter": 0.1, "flip": True})
-    raw["corpus"].update(s["corpus"])
-    cfg = load_config(raw=raw)
     for stage in (stages.shard, stages.teach, stages.score):
         stage.run(cfg)
     return cfg

@@ -2,58 +2,11 @@
 
     python -m bench label_quality        (or: python -m bench.label_quality [--quick])
 
-The real stages run on the 15 images of `../shared/data/realeval` **used as if they were unlabeled**
-(corpus source `realeval/rgb/*.png`, the GT is never shown to any stage): `stages.shard.run` →
-`stages.teach.run` → `stages.score.run` with the three real TFLite teachers of `../shared/models`
-(PyDNet v2, FastDepth NYU, PyDNet++ Matterport; pinned by public URL + sha256, read through
-`run.model_mirror`). Then, per sample, the cached **global** label of every teacher is compared with the
-GT: the label covers the sample's square region (`crops/plan.parquet`: `region_x0`, `region_y0`,
-`region_side`, native pixels; the stored image is that region resized to `stored_side` =
-min(side, `corpus.max_region`), and the label is the teacher's prediction on it at G×G), so the GT is
-cut to that region, the label is converted to disparity (`pipeline.cache.as_disparity`, the teacher's
-output space — before resizing, as `dad eval` does and as training consumes it) and resized bilinearly
-to the region's native size, and `student.evaluation.score_sample` scores it with the project's protocol
-(`eval.align = "inverse_depth"`: per-image least-squares scale+shift in 1/depth, AbsRel; stereo
-disparity GT is fitted and scored in disparity there). Averages are per image, then per `group_family`,
-then across families (realeval's protocol); the plain per-image mean is in the detail.
-
-Reported:
-* each teacher alone; the oracle (per image, the teacher with the lowest AbsRel);
-* each policy's label — `paper` (priors 0.7 / 0.15 / 0.15: the paper's primary 0.7 and its assistant
-  share 0.3 split over two assistants), `best` with each `score.metric` (lg_consistency, agreement,
-  combined), `weighted` (combined metric, τ = 0.05), `mix`. A draw policy's label is a per-step draw,
-  so its expected AbsRel is Σ_t p_t·AbsRel_t (δ1 likewise); `mix` is the pixel-wise mixed map built
-  exactly as training builds it (`student.data.TargetStream._targets` → `pipeline.targets.mix_targets`
-  on the teachers' global disparities with the sample's `p_<teacher>` weights). The policies other
-  than `paper` come from re-running `stages.score.run` with `score.policy` / `score.metric` overrides
-  (only the selection is recomputed; the metric cells are cached) and reading `scores/selection.parquet`;
-* each policy's gap to the oracle and its ratio to the best single teacher;
-* how often each metric's pick (argmin of the score-stage metric, = the `best` policy's choice) is the
-  oracle's pick, and the mean per-image Kendall τ between the metric's ranking and the true ranking.
-
-Entries: `label_quality_paper` = paper label AbsRel ÷ best single teacher's AbsRel (goal <= 1.0: the
-default policy should be at least as good as simply using the best teacher), `label_quality_best`
-(the `best`/combined policy, the default metric, same ratio), `label_quality_oracle_gap` (paper AbsRel −
-oracle AbsRel), `label_quality_pick_agreement` (combined metric's pick = oracle's pick, fraction of
-images). The full table is in each entry's `detail` (`detail["table"]`), and printed.
-
-Settings, for these 15 images (277–480 px short side):
-* `crops.min_region = 256`: the paper's 644 px floor scaled to photos of this size, so every image's
-  region side is drawn in [256, short side] (the smallest, Middlebury Cloth3, is 277 px);
-* `crops.patch = 224` (the paper's 560/644 ≈ 0.87 of the smallest region), `local_count = 2`
-  (`quick`: 1): enough for `lg_consistency`, cheap on 2 cores;
-* `crops.global_size = 392`: the region sides are 256–480 px, so 392 keeps nearly all of the label's
-  native detail (224, the quickstart's, would halve it and this bench measures the label itself); it
-  also feeds the teachers a less blurred input before their own resize to 384×640 / 224² / 448×640;
-* `crops.local_store = 196` = patch × G / side at a typical 448 px side: the local maps carry the
-  detail their patch has in the student's frame, no more;
-* teachers as in `configs/quickstart.toml` (PyDNet v2 flip-averaged, FastDepth not), PyDNet++ with
-  `output_space = "depth"`, `output_index = 0` (its full-resolution output);
-* `corpus.shard_size = 8` (2 shards, so 2 actors can work), `run.num_cpus = 2`.
-Executor: Ray (the default, a local 2-CPU cluster; `run.executor` left at "auto"), the stages as the
-CLI runs them. The whole run takes about a minute or two on 2 shared cores, Ray start-up included.
-
-These images are evaluation data: the bench measures, it must not be used to tune anything.
+shard → teach → score on the 15 realeval images used as if unlabeled (no stage sees the GT), with three
+real TFLite teachers; each cached global label is cut to its region and scored with the eval protocol.
+Reported: each teacher, the per-image oracle, each policy's label (a draw policy's expected AbsRel), and
+how often a metric picks the oracle's teacher. `CROPS` scales the paper's crops to these 277-480 px
+photos. Evaluation data: the bench measures, it must not be used to tune anything.
 """
 
 from __future__ import annotations

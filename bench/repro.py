@@ -2,34 +2,10 @@
 
     python -m bench.repro [--quick] [--seeds N] [--steps N] [--root DIR] [--arms ARM …] [--out FILE]
 
-The setting is the embedded default's (`configs/quickstart.toml`, issue #13): PyDNet v2 flip-averaged
-(primary) and FastDepth (assistant) label photos of ../shared/data/unlabeled; the student is PyDNet v2's own
-graph, initialised from the teacher's file. The corpus is sharded, taught and scored **once**; every arm
-trains from the same initial weights on those cached targets for the same steps, batch and learning rate,
-with training seeds 0, 1, 2 (`train.seed`; `run.seed` fixes the corpus and its crop plan and never varies).
-Arms differ only in the setting under test:
-
-* Table 1 — `train.norm` ∈ {global, hybrid, local, none} × {shared-context only, local-global only}.
-* Table 2 — {neither, local-global only, shared-context only, both}, hybrid normalisation. "Neither" is the
-  paper's DAv2-style row (same input for teacher and student, global normalisation): `sc-global`.
-* Table 4 — the paper's per-step teacher draw (0.7 : 0.3) against a per-sample weighted average of the
-  teachers (`score.policy = "mix"`) and each teacher alone.
-* High resolution — `hires-*`: the 160 photos of ../shared/data/unlabeled_hires (long side ≤ 1536 px)
-  with 768–1536 px regions, so that the global view (392²) is 2–4× downsampled while the local patches
-  (384 px, about the teacher's native 384×640 input) keep the photo's detail: where local-global can help.
-
-Every run is evaluated on ../shared/data/realeval (15 photos; reporting only, never tuning) and on held-out
-renders (exact depth), with the standard protocol (per-image least squares in inverse depth). A claim is
-judged per evaluation set on the difference of the two arms' mean AbsRel over seeds, Δ:
-**held** (the paper's sign, |Δ| above the noise), **not held** (the opposite sign, above the noise) or
-**not resolved** (|Δ| within the noise). The noise is the larger of the two arms' seed standard deviations
-(ddof = 1) and twice the paired standard error of Δ over images (per-image AbsRel averaged over seeds).
-A "tie" claim holds when |Δ| ≤ max(noise, 2 % of the reference). With one seed (`--quick`) only the
-paired standard error is left: read those verdicts as indicative.
-
-Outputs: `bench/results/repro.json` (`repro-quick.json` with --quick), `<root>/report/pages/repro.html`.
-Finished runs are reused on a rerun (the train stage skips them; their evaluations are cached under
-`<root>/repro/evals/`), so an interrupted grid continues where it stopped.
+The corpus is sharded, taught and scored once; every arm trains the PyDNet v2 graph student from the same
+weights and steps, differing only in the setting under test, with seeds 0, 1, 2. A claim is *held*, *not
+held* or *not resolved* by the mean AbsRel difference against the noise (seed spread, twice the paired
+per-image SE). Finished runs are reused. Outputs: `bench/results/repro.json`, `report/pages/repro.html`.
 """
 
 from __future__ import annotations
@@ -466,7 +442,7 @@ class Experiment:
     def run_one(self, arm: Arm, seed: int) -> dict:
         from stages import score, train
         from stages.evaluate import load_predictor
-        from stages.train import train_fingerprint
+        from stages.teachers import lineage_for
 
         cfg = self.config(arm, seed)
         if _selection_key(cfg) != self._selection.get(arm.corpus):  # selection.parquet holds one policy at a time
@@ -476,7 +452,7 @@ class Experiment:
         res = train.run(cfg)
         train_s = time.time() - t0
         name, run_dir = cfg.train.name, self.root_of(arm.corpus) / "train" / cfg.train.name
-        key = {"train": train_fingerprint(cfg), "steps": cfg.train.steps, "datasets": self.datasets}
+        key = {"train": lineage_for(cfg).train, "steps": cfg.train.steps, "datasets": self.datasets}
         t1 = time.time()
         cache_name = name if arm.corpus == "photos" else f"hires-{name}"
         metrics = None if not res.get("skipped") else self._cached(cache_name, key)
@@ -494,9 +470,9 @@ class Experiment:
 
 
 def _selection_key(cfg) -> str:
-    from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
+    from stages.teachers import lineage_for
 
-    return selection_fingerprint(cfg, metrics_fingerprint(cfg, teacher_fps(cfg)))
+    return lineage_for(cfg).selection
 
 
 def experiment(quick: bool = False, seeds: int | None = None, steps: int | None = None, root: str | None = None,

@@ -1,14 +1,10 @@
 """shard_efficiency: shard-stage images/s ÷ a bare single-process decode→crop→encode loop on the same files.
 
-Both sides do the same per-image work with the same functions: read the bytes, sha256 (the sample id
-that seeds the crop plan), `decode_rgb`, `plan_crops`, cut the region (capped at corpus.max_region),
-`encode`. The stage adds what makes it a pipeline stage — a listing pass that reads and hashes every
-file, Ray tasks, tar and Parquet writes, ledger markers — and spreads shards over the cluster's CPUs.
-
-Measured in one process, side by side: the bare loop (twice: before and after, the faster counts), the
-stage inline (one process, same machinery, no Ray), and the stage on Ray: Ray start-up, a first run on
-a fresh root (cold worker processes) and a second run on another fresh root (steady state, the value).
-The ideal ratio is about the number of CPUs; the goal asks for half of that.
+Both sides do the same per-image work with the same functions (read, sha256, `decode_rgb`, `plan_crops`,
+cut, `encode`); the stage adds a listing pass, Ray tasks, tar and Parquet writes and markers, and spreads
+shards over the CPUs. Measured side by side: the bare loop (before and after; the faster counts), the
+stage inline, and the stage on Ray (a cold first run, then the steady-state value on a fresh root). The
+ideal ratio is about the number of CPUs; the goal asks for half of that.
 """
 
 from __future__ import annotations

@@ -2,30 +2,10 @@
 
     python -m bench.teach_perf [--quick] [P1 P4 P5]   (P1/P4 alone skip the Ray runs)
 
-Teachers are `checkpoint` teachers — students of this project with fixed random weights: real ViT +
-DPT compute, no download — on real photographs from scikit-image, cropped by the real shard stage
-(G = patch = 168 px, L = 112, K = 4, 8 samples per shard). Every image a teacher sees counts: per
-sample the global input plus K local inputs.
-
-* P1_teach_efficiency — pipeline images/s ÷ bare `teacher.predict` images/s on the same inputs, batch
-  size (4), device (CPU) and torch threads (1). "Pipeline" is `TeachWorker.process(shard)`: read and
-  decode the shard, build the inputs, predict, resample, write the Zarr shard, write the marker. It is
-  timed shard by shard, alternating with the bare teacher on that shard's batches, so both see the
-  same machine load. The value comes from process CPU time (one torch thread: on a free core,
-  throughput = 1 / CPU time; on a shared machine, wall clock mostly measures the neighbours); the
-  wall-clock ratio is in the detail. Full mode: the ViT-S/14 + DPT student (Depth Anything v2 Small's
-  size); the tiny student — the cheapest possible teacher, a worst case — is in the detail (and is the
-  headline in quick mode), with the whole inline stage (plus model load) and the whole Ray stage with
-  one actor (plus actor start and model load, minus `ray.init`).
-* P4_cache_bytes_ratio — bytes of every file under cache/<teacher>/ per sample ÷ float32 bytes of the
-  same maps ((G² + K·L²) × 4).
-* P5_teach_scaling — images/s with 2 actors ÷ with 1 actor (tiny student, torch_threads = 1,
-  num_cpus = 0.5 per actor, 2-CPU local Ray cluster). Throughput over the span from the first shard's
-  start to the last shard's end (from the markers); the detail also gives whole-stage wall-clock
-  throughput and the machine's own ceiling measured right after: 2 plain processes running the bare
-  teacher ÷ 1 (no Ray) — on a shared 2-core machine, other load caps both.
-
-Each measure is repeated and the best run kept.
+Teachers are `checkpoint` students with fixed random weights on scikit-image photos cut by the shard stage.
+P1: `TeachWorker.process` images/s ÷ bare `teacher.predict` images/s on the same inputs, in process CPU
+time; P4: cache bytes per sample ÷ float32 (G² + K·L²) × 4; P5: images/s with 2 actors ÷ 1 (the machine's
+own 2-process ceiling in the detail). Each measure is repeated and the best run kept.
 """
 
 from __future__ import annotations
@@ -88,20 +68,22 @@ def _interleaved(cfg, name: str, reps: int) -> dict:
     from pipeline.cache import ensure_cache
     from pipeline.corpus import iter_shard, shard_ids
     from pipeline.storage import Root
-    from stages.teach import TeachWorker, cell_fingerprint, sample_inputs, to_tensor
-    from stages.teachers import spec_for
+    from pipeline.crops import global_input, local_inputs
+    from stages.teach import TeachWorker, to_tensor
+    from stages.teachers import lineage_for
 
     tcfg, c, root = cfg.teachers[name], cfg.crops, Root(cfg.run.root)
     shards = shard_ids(root)
-    fp = cell_fingerprint(cfg, spec_for(name, tcfg).fingerprint)
+    lineage = lineage_for(cfg)
+    fp = lineage.teach(name)
     ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count, c.local_store,
                  attrs={})
-    worker = TeachWorker(root, cfg, name, fp)  # sets torch threads, loads the teacher once
+    worker = TeachWorker(root, cfg, name, fp, lineage.shard)  # sets torch threads, loads the teacher once
     batches: dict[int, list] = {}
     for s in shards:
         globals_, locals_ = [], []
         for record, region in iter_shard(root, s):
-            g, locs = sample_inputs(region, record["boxes"], c.global_size, c.patch)
+            g, locs = global_input(region, c.global_size), local_inputs(region, record["boxes"], c.patch)
             globals_.append(g)
             locals_.extend(locs)
         batches[s] = [to_tensor(images[i:i + tcfg.batch_size])

@@ -1,22 +1,10 @@
 """Train-stage benchmarks (issue #6): `python -m bench.train_perf [--quick]`.
 
-* `P2_ingest_efficiency` — steps/s of the training loop streaming from the run root (tar shards +
-  Zarr targets through `student.data.TargetStream` with `train.prefetch` loader threads, exactly as
-  `stages/train.py` runs it) ÷ steps/s of the same loop over the same batches already held in memory.
-  Same student, optimizer and steps. Each repetition times in-memory then streaming back to back; the
-  value is the median of these paired ratios (the machine is shared). The detail also gives the CPU
-  cost of ingest alone vs the step alone, which bounds the ratio when no core is idle. Goal ≥ 0.97.
-* `P3_cached_vs_online` — cost of `dad teach` (both teachers, once) + 3 epochs of training from the
-  cache ÷ cost of 3 epochs of the paper's online recipe, where every step runs both teachers on the
-  step's global input and its K local patches (PAPER §3.6) and then trains on the drawn teacher's
-  maps. Same student, data, draws and steps. The teachers are `checkpoint`-adapter tiny students run
-  at the student's input size (as the paper's teachers see the 560² global input and 560² local
-  windows), so teacher inference has a real cost. The value is measured in process CPU time, which
-  other jobs on a shared machine do not inflate; wall times and their ratio are in the detail (on an
-  idle machine wall ≈ CPU: one torch thread per recipe). Goal ≤ 0.45.
-
-Everything runs on one CPU thread for torch (plus the loader threads), on generated photo-like
-images, inline (no Ray), in a temporary folder.
+`P2_ingest_efficiency`: steps/s streaming from the run root (as `stages/train.py` runs it) ÷ steps/s over
+the same batches in memory, the median of paired repetitions (goal ≥ 0.97). `P3_cached_vs_online`: cost of
+`dad teach` + 3 epochs from the cache ÷ 3 epochs of the paper's online recipe, which runs both teachers on
+every step's global input and local patches (goal ≤ 0.45), in process CPU time. One torch thread,
+generated photo-like images, inline (no Ray), in a temporary folder.
 """
 
 from __future__ import annotations
@@ -32,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from train_fixtures import build_cached_run, live_student, stream_for
-
+from bench.kit.configs import dad_config
+from bench.kit.images import write_photos
+from bench.kit.train import build_cached_run, live_student, stream_for
 from pipeline.corpus import iter_shard
 from pipeline.images import decode_trusted
-from stages.teach import predict_batched, resample, sample_inputs
+from pipeline.crops import global_input, local_inputs
+from stages.teach import predict_batched, resample
 from student.checkpoint import load_checkpoint
 from student.data import EpochPlan, collate, draw_teacher, prefetch
 from student.losses import LossConfig
@@ -57,8 +45,6 @@ def _sizes(size: tuple[int, int]) -> tuple:
 
 
 def _corpus(folder: Path, n: int, size: tuple[int, int]) -> Path:
-    from train_fixtures import write_photos
-
     return write_photos(folder, n, sizes=_sizes(size))
 
 
@@ -149,7 +135,7 @@ class OnlineStream:
             for row in s.order(shard, epoch):
                 rec, data = records[row]
                 region = decode_trusted(data)
-                glob, locs = sample_inputs(region, rec["boxes"], c.global_size, c.patch)
+                glob, locs = global_input(region, c.global_size), local_inputs(region, rec["boxes"], c.patch)
                 items.append((row, rec["boxes"], glob, locs))
                 if len(items) == bs:
                     yield items
@@ -197,14 +183,11 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
                 "b": {"adapter": "checkpoint", "model": str(folder / "teacher_b.pt"), "input_size": g,
                       "batch_size": 8, "prior": 0.3}}
     # the cached recipe: shard (shared by both recipes, not timed), teach once, score, 3 epochs from the cache
-    from train_fixtures import raw_config
-
     import stages.shard
-    from pipeline.config import load_config
 
     src = _corpus(folder / "src", p["n"], p["size"])
-    cfg = load_config(raw=raw_config(folder / "root", src, teachers, p["shard"], crops=p["crops"],
-                                     train={"batch_size": p["batch"], "jitter": 0.0, "flip": False}))
+    cfg = dad_config(folder / "root", src, teachers, shard_size=p["shard"], crops=p["crops"],
+                     train={"batch_size": p["batch"], "jitter": 0.0, "flip": False})
     stages.shard.run(cfg)
     ckpt = str(folder / "student.pt")
     live_student(ckpt, seed=7)

@@ -1,29 +1,10 @@
-"""The target cache: one Zarr v3 group per teacher, one Zarr shard per corpus shard (DESIGN §3–§4).
+"""The target cache: one Zarr v3 group per teacher, one Zarr shard per corpus shard.
 
-Arrays (N = number of corpus shards × shard_size slots; slot = shard·shard_size + index):
-
-    global        (N, G, G)     float16   teacher prediction on the G×G global input
-    local         (N, K, L, L)  float16   K local-patch predictions resampled to L×L
-    global_valid  (N, G, G)     bool      finite pixels of `global`
-    local_valid   (N, K, L, L)  bool
-
-Inner chunks hold one sample (so training reads only the bytes it needs); outer shards hold exactly
-one corpus shard, written in one call by one task — zarr-python loses data when two writers touch
-one shard (STACK.md). Values are float16 through Blosc-zstd with byte shuffle: smooth depth maps
-compress to well under a third of their float32 size (bench P4). Predictions are stored in the
-teacher's declared output space; `as_disparity` converts when reading.
-
-Corruption is never trained on (issue #9, R3). Two layers:
-* every inner chunk carries a CRC32C (zarr's `crc32c` codec after the compressor), so a flipped byte
-  fails at decode instead of decoding to plausible garbage; `read_rows` turns any decode failure into
-  a `CacheCorruptError` that names the teacher and shard and the command that repairs it;
-* the teach marker records the size and sha256 of the four stored shard objects (`shard_digests`);
-  `check_shard` compares them — by size (cheap: `dad teach` always) or by sha256 (`dad teach
-  --verify`, and `dad train` before it reads) — and a cell that fails is recomputed by `dad teach`.
-  This also catches what a checksum inside the object cannot: a deleted, truncated or swapped object.
-* the metadata documents (`zarr.json` of the group and of each array) carry no checksum and a changed
-  fill value or codec would misread every chunk: `metadata_problems` compares them with what
-  `ensure_cache` writes (attributes: those readers use), and `dad teach` rewrites any that differ.
+Arrays `global` (N,G,G) and `local` (N,K,L,L) in float16 with their `*_valid` masks, one row per sample
+(row = shard·shard_size + index), stored in the teacher's output space (`as_disparity` converts on read).
+One task writes a whole Zarr shard: zarr-python loses data when two writers touch one. Corrupt bytes are
+never trained on: every chunk carries a CRC32C, each teach marker records the size and sha256 of its shard
+objects (`check_shard`), and the metadata documents are compared with what `ensure_cache` writes.
 """
 
 from __future__ import annotations
@@ -31,13 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.layout import cache_group
+from pipeline.layout import cache_group, shard_name
+from pipeline.ledger import Ledger
+from pipeline.lineage import TEACH
 from pipeline.storage import Root
+
+if TYPE_CHECKING:
+    from pipeline.config import DadConfig
 
 ARRAYS = ("global", "local", "global_valid", "local_valid")
 NDIM = {"global": 3, "local": 4, "global_valid": 3, "local_valid": 4}
@@ -278,3 +265,43 @@ def as_disparity(pred: np.ndarray, space: str, eps: float = 1e-6) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(pred > eps, 1.0 / np.maximum(pred.astype(np.float32), eps), np.nan).astype(np.float32)
     raise ValueError(f"unknown output space {space!r}")
+
+
+# -- checked against the teach markers --------------------------------------------------------------
+
+def verify_cells(root: Root, name: str, fp: str, shards: list[int], deep: bool) -> dict[int, str]:
+    """Done cells of `name` whose stored shard objects no longer match their marker: shard → why.
+
+    Cheap (deep=False): one listing of the cache's object sizes, one read per marker. Deep: sha256 of every
+    stored shard object (reads the whole cache of that teacher)."""
+    ledger = Ledger(root)
+    sizes = None if deep else object_sizes(root, name)
+    bad = {}
+    for s in shards:
+        try:
+            recorded = ledger.info(TEACH, name, shard_name(s), fp).get("objects")
+        except (FileNotFoundError, ValueError) as err:
+            bad[s] = f"unreadable teach marker: {type(err).__name__}: {err}"
+            continue
+        why = check_shard(root, name, s, recorded, deep=deep, sizes=sizes)
+        if why:
+            bad[s] = why
+    return bad
+
+
+def reader_attrs(cfg: DadConfig, output_space: str) -> dict:
+    """The cache attributes readers act on: how values convert to disparity, and slot → shard."""
+    return {"output_space": output_space, "shard_size": cfg.corpus.shard_size}
+
+
+def require_intact_metadata(root: Root, cfg: DadConfig, spaces: dict[str, str], shards: list[int]) -> None:
+    """Raise CacheCorruptError if a teacher's cache metadata would be misread (naming the document and the
+    command that rewrites it); cheap: five small documents per teacher."""
+    c = cfg.crops
+    reference = reference_metadata(max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count, c.local_store)
+    for name, space in spaces.items():
+        damaged = metadata_problems(root, name, reference, reader_attrs(cfg, space))
+        if damaged:
+            key, why = min(damaged.items())
+            raise CacheCorruptError(f"cached targets of teacher {name!r} cannot be read as written: cache/{name}/{key} "
+                                    f"{why}; rewrite it with `dad teach --verify --teacher {name}`, then rerun")

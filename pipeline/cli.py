@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 from pipeline.config import ConfigError, DadConfig, load_config
 from pipeline.errors import describe
 from pipeline.layout import INIT, MODEL, rel_path, train_run
+from pipeline.lineage import STAGES as LINEAGE_STAGES
 from pipeline.redact import redact, redact_tree
 
 # What the failing command was working on, for its one-line message (set per invocation).
@@ -179,13 +180,13 @@ def status(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
     _guarded(lambda: _check_root(cfg))
     r = Root(cfg.run.root)
     rows, problems = [], []
-    for name in ("shard", "teach", "score", "train"):
+    from stages.teachers import lineage_for
+
+    lineage = lineage_for(cfg)  # one per command: each teacher's weights hashed once
+    for name in LINEAGE_STAGES:
         try:
             stage = importlib.import_module(f"stages.{name}")
-        except ModuleNotFoundError:
-            continue
-        try:
-            rows.extend(stage.status(cfg, r))
+            rows.extend(stage.status(cfg, r, lineage))
         except Exception as e:  # noqa: BLE001 - reported as a row; the other stages are still assessed
             rows.append({"stage": name, "scope": "?", "done": "?", "total": "?", "stale": "?", "note": "cannot tell"})
             problems.append(f"cannot tell {name}: {describe(e, cfg.run.root)}")
@@ -205,9 +206,13 @@ def status(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None):
 
 # -- stages ------------------------------------------------------------------------------------
 
-def _run_stage(module: str, cfg: DadConfig, **kwargs) -> dict:
+def _run_stage(module: str, cfg: DadConfig, lineage=None, **kwargs) -> dict:
     _check_root(cfg)
     stage = importlib.import_module(f"stages.{module}")
+    if module in LINEAGE_STAGES:
+        from stages.teachers import lineage_for
+
+        kwargs["lineage"] = lineage or lineage_for(cfg)
     summary = stage.run(cfg, **kwargs)
     _summary(summary)
     if not summary.get("skipped"):
@@ -375,12 +380,10 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
     """Run every stage in order (each skips finished work) and say which ran."""
     cfg = _guarded(lambda: _load(config, root, set_))
     ran, t0 = [], time.time()
+    from stages.teachers import lineage_for
+
+    lineage = lineage_for(cfg)  # one for the whole run: each teacher's weights hashed once
     for stage in PIPELINE:
-        try:
-            importlib.import_module(f"stages.{stage}")
-        except ModuleNotFoundError:
-            err.print(f"[yellow]· {stage}: not available in this version — skipped[/]")
-            continue
         if stage == "evaluate":
             # Every teacher, the student's starting weights (a checkpoint file: the student at step 0, at the
             # student's own input size — what distillation changed) and the trained student, on every dataset.
@@ -396,7 +399,7 @@ def run_all(config: ConfigOpt, root: RootOpt = None, set_: SetOpt = None, addres
             ckpt = f"{cfg.run.root.rstrip('/')}/{rel_path(train_run(cfg.train.name, MODEL))}"
             _guarded(lambda: _run_stage(stage, cfg, checkpoint=ckpt, name=f"student-{cfg.train.name}"))
         else:
-            kwargs = {"address": address} if stage in ("shard", "teach", "score", "train") else {}
+            kwargs = {"address": address, "lineage": lineage} if stage in LINEAGE_STAGES else {}
             _guarded(lambda: _run_stage(stage, cfg, **kwargs))
         ran.append(stage)
         if until and stage == until:

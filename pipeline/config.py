@@ -351,6 +351,11 @@ class DadConfig(Section):
         timeout, rotated credentials or a fresh presigned URL leave every fingerprint as it was."""
         return redact_tree(self.model_dump(mode="json", exclude=FETCH_KEYS))
 
+    @property
+    def train_seed(self) -> int:
+        """The training seed: `train.seed`, else `run.seed` (which also seeds the corpus's crop plan)."""
+        return self.run.seed if self.train.seed is None else self.train.seed
+
     def to_toml(self) -> str:
         """The config as `dad.toml` records it and `dad config show` prints it: credentials redacted."""
         return dumps_toml(redact_tree(self.model_dump(mode="json", exclude_none=True)))

@@ -1,12 +1,9 @@
 """Reading the sharded corpus back: the manifest, and the samples of one WebDataset shard.
 
-Shards are read as a byte stream through fsspec and split with WebDataset's own tar iterators, so
-a shard on s3:// streams exactly like one on disk. Decoding is of our own shards (trusted PNG/JPEG).
-
-Integrity (issue #19): a JPEG has no checksum, so a flipped byte in a shard decodes to plausible wrong
-pixels. The shard stage records each written object's size and sha256 in its marker; `check_object`
-compares them (size only, or sha256 streamed in chunks), and `iter_shard(..., expect=...)` hashes the
-whole tar once before yielding any sample, so a stage never reads bytes that differ from what was written.
+Shards stream through fsspec and WebDataset's tar iterators, so a shard on s3:// reads like one on disk.
+A JPEG has no checksum, so integrity comes from the shard markers: `check_object` compares an object's
+size or sha256 with its marker, `iter_shard(..., expect=...)` hashes the whole tar before yielding any
+sample, and `require_intact_corpus` checks what a later stage will read (docs/run-root.md).
 """
 
 from __future__ import annotations
@@ -21,7 +18,9 @@ import pyarrow as pa
 from webdataset import tariterators
 
 from pipeline.images import decode_trusted
-from pipeline.layout import MANIFEST, corpus_shard, rel_path
+from pipeline.layout import CORPUS_PARTS, CORPUS_SHARDS, MANIFEST, corpus_shard, rel_path, shard_name
+from pipeline.ledger import Ledger
+from pipeline.lineage import SHARD
 from pipeline.storage import Root
 
 
@@ -114,3 +113,64 @@ def object_sizes(root: Root, *folder: str) -> dict[str, int]:
         return {}
     return {"/".join([*folder, e["name"].rstrip("/").rsplit("/", 1)[-1]]): int(e["size"])
             for e in found if e.get("type") != "directory"}
+
+
+# -- checked against the shard markers (fp: the corpus fingerprint, `Lineage.shard`) ---------------------
+
+def cell_objects(ledger: Ledger, fp: str, shards: list[int]) -> dict[int, dict | None]:
+    """shard → the objects its marker vouches for ({path: {"bytes", "sha256"}}); None: a marker written
+    before digests were recorded (or unreadable), so nothing can be checked."""
+    out: dict[int, dict | None] = {}
+    for s in shards:
+        try:
+            out[s] = ledger.info(SHARD, "_", shard_name(s), fp).get("objects")
+        except (FileNotFoundError, ValueError):
+            out[s] = None
+    return out
+
+
+def damaged_cells(root: Root, recorded: dict[int, dict | None], deep: bool, tars_only: bool = False
+                  ) -> dict[int, str]:
+    """shard → why, for cells whose stored objects differ from their marker (size; sha256 if deep)."""
+    sizes = None if deep else {**object_sizes(root, *CORPUS_SHARDS), **object_sizes(root, *CORPUS_PARTS)}
+    bad = {}
+    for s, objs in recorded.items():
+        for rel, want in (objs or {}).items():
+            if tars_only and rel != shard_rel(s):
+                continue
+            why = check_object(root, rel, want, deep, sizes)
+            if why:
+                bad[s] = why
+                break
+    return bad
+
+
+def verify_corpus(root: Root, fp: str, shards: list[int] | None = None, deep: bool = False) -> list[str]:
+    """What differs from the shard markers among the files later stages read: the manifest, rejects and
+    crop plan (always by sha256: small) and the tars of `shards` (default: all; by size, or sha256 if deep,
+    streamed once). One line per damaged object, each naming `dad shard --verify`."""
+    ledger = Ledger(root)
+    try:
+        final = ledger.info(SHARD, "_", "final", fp).get("objects") or {}
+    except (FileNotFoundError, ValueError):
+        final = {}
+    bad = [why for rel, want in sorted(final.items()) if (why := check_object(root, rel, want, deep=True))]
+    if shards is None:
+        shards = sorted(int(c) for c in ledger.done(SHARD, "_", fp) if c.isdigit())
+    return bad + [why for _, why in sorted(damaged_cells(root, cell_objects(ledger, fp, shards), deep,
+                                                         tars_only=True).items())]
+
+
+def require_intact_corpus(root: Root, fp: str, shards: list[int] | None = None, deep: bool = False) -> None:
+    """Raise ShardCorruptError (one line, the first damaged object and how many more) if `verify_corpus`
+    finds anything: no stage reads a corpus that differs from what `dad shard` wrote."""
+    bad = verify_corpus(root, fp, shards, deep)
+    if bad:
+        more = f" (and {len(bad) - 1} more object(s))" if len(bad) > 1 else ""
+        raise ShardCorruptError(f"the corpus in {root.url} is damaged: {bad[0]}{more}")
+
+
+def tar_record(root: Root, fp: str, shard: int) -> dict | None:
+    """The recorded digest of one shard's tar (None: none recorded), for `iter_shard(expect=...)`."""
+    objs = cell_objects(Ledger(root), fp, [shard])[shard]
+    return (objs or {}).get(shard_rel(shard))

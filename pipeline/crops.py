@@ -1,17 +1,9 @@
 """The crop plan: one global region and K local patches per sample, fixed before any teacher runs.
 
-The paper (PAPER §3.1) draws, per step, a square region of side s ~ U[644, short side], resizes it
-to 560² for teacher and student (shared context) and cuts overlapping native-resolution 560²
-patches from it for the teacher (local-global). Caching needs the plan fixed per sample, so it is
-drawn from `(seed, sample_id)` alone: any worker, any rerun, any teacher sees the same boxes.
-
-Patches are placed on a regular grid spread over the region (2×2 at K=4: the four corners,
-overlapping when s < 2·patch), which covers as much of the region as K allows. Images smaller than
-`min_region` use their short side and scale the patch down in proportion, so a patch always covers
-the same fraction of the region as in the paper's smallest case (560/644).
-
-Boxes are stored as fractions of the region `(x0, y0, x1, y1)` in [0, 1]: the same numbers address
-the native-resolution region (teacher) and the G×G global input (student).
+The paper draws a random square region and its local patches at every training step; caching needs the
+plan fixed, so it is drawn from `(seed, sample_id)` alone and any worker, rerun or teacher sees the same
+boxes. Patches sit on a regular grid over the region (K = 4: the four corners). Boxes are fractions of the
+region, so the same numbers address the teacher's region and the student's G×G input (docs/method.md).
 """
 
 from __future__ import annotations
@@ -20,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.images import resize
 
 PLAN_VERSION = 1  # bump when the drawing rule changes: it is part of the shard fingerprint
 
@@ -66,3 +60,21 @@ def box_pixels(box: tuple[float, float, float, float], side: int) -> tuple[int, 
     """A fractional box → integer pixel box (x0, y0, x1, y1) in a side×side image."""
     x0, y0, x1, y1 = (round(v * side) for v in box)
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+# -- the inputs a plan defines (the same for every teacher, the student and the report) ------------------
+
+def global_input(region: np.ndarray, g: int) -> np.ndarray:
+    """The G×G global view of a stored region: what every teacher and the student see (bicubic resize)."""
+    return resize(region, (g, g))
+
+
+def local_inputs(region: np.ndarray, boxes, p: int) -> list[np.ndarray]:
+    """The K local patches of a stored region, each cut at the region's own resolution and resized to P×P:
+    the detail the global view has lost (the teacher's local predictions are made from these)."""
+    side = region.shape[0]
+    out = []
+    for box in boxes:
+        x0, y0, x1, y1 = box_pixels(tuple(box), side)
+        out.append(resize(region[y0:y1, x0:x1], (p, p)))
+    return out

@@ -110,7 +110,7 @@ def decode_trusted(data: bytes) -> np.ndarray:
 
 
 def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H,W,3) uint8 → resized (h, w) with bicubic (as DAv2/MiDaS `Resize`, PAPER §3.1); size is (w, h)."""
+    """(H,W,3) uint8 → resized (h, w) with bicubic (as DAv2/MiDaS `Resize`); size is (w, h)."""
     if (rgb.shape[1], rgb.shape[0]) == tuple(size):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC))

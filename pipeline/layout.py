@@ -1,18 +1,8 @@
 """The run root's layout: every path inside a run root is spelled here, and nowhere else.
 
-    corpus/   listing.parquet  sources.parquet  manifest.parquet  rejects.parquet
-              shards/<shard>.tar   parts/<shard>.{manifest,rejects}.parquet
-    crops/    plan.parquet
-    cache/    <teacher>/                       (a Zarr v3 group per teacher)
-    scores/   scores.parquet  selection.parquet  selection_summary.json
-              parts/<shard>.parquet  plots/<name>.png
-    train/    <name>/ model.pt  init.pt  ckpt-<step>.pt  metrics.jsonl  val.jsonl  summary.json  tb/
-    eval/     <name>/ metrics.json  per_sample.csv  pictures/<stem>.png
-    report/   index.html  pages/<page>.html
-    ledger/   markers, run records, locks and leases (`pipeline.ledger` owns its folder)
-
 A path is a tuple of parts for `pipeline.storage.Root` (`root.read_table(*MANIFEST)`), or, with
 `rel_path()`, the slash-joined string used in messages and digests. <shard> is six digits (`shard_name`).
+Which stage writes and which reads each path: docs/run-root.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""Completion markers, locks and the run's recorded config: what makes reruns safe (DESIGN §3).
+"""Completion markers, locks and read leases: what makes reruns safe (docs/run-root.md).
 
-* A marker `ledger/<stage>/<scope>/<cell>.<fingerprint>.json` is written only after the cell's
-  outputs are complete; its presence is the only meaning of "done". A rerun skips cells whose
-  marker carries the current fingerprint and redoes everything else.
-* A lock `ledger/locks/<stage>.<scope>.lock` refuses a second concurrent writer. A holder on this
-  host whose process is gone is stale and is taken over; a holder elsewhere needs `--break-lock`.
-* A read lease `ledger/leases/<stage>.<scope>/<token>.json` (any number at once: readers share) is held
-  by a stage that reads another stage's outputs for its whole run (train and score lease the teachers'
-  caches). The writer refuses to rewrite outputs that have a live lease, and the reader refuses to start
-  while the writer's lock is held, so neither ever sees the other's half-done work. Stale leases follow
-  the lock rule.
-* `dad.toml` records the config as first written; later stages refuse a config whose earlier-stage
-  settings changed and say which stage to rerun.
+* Marker `ledger/<stage>/<scope>/<cell>.<fingerprint>.json`: written after the cell's outputs are
+  complete; its presence is the only meaning of "done".
+* Lock `ledger/locks/<stage>.<scope>.lock`: one writer at a time; a holder on this host whose process is
+  gone is taken over, one elsewhere needs `--break-lock`.
+* Read lease `ledger/leases/<stage>.<scope>/<token>.json`: held by readers (score, train) of the teachers'
+  caches; the writer refuses to rewrite leased outputs, a reader refuses to start while the lock is held.
 """
 
 from __future__ import annotations
@@ -24,21 +18,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline.config import DadConfig, load_config
-from pipeline.errors import DamagedFileError
 from pipeline.storage import Root
 
-# Which settings each stage's outputs depend on (beyond the stages before it).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "shard": ("run.seed", "corpus", "crops"),
-}
-
-
 class LockError(RuntimeError):
-    pass
-
-
-class StaleConfigError(RuntimeError):
     pass
 
 
@@ -205,52 +187,3 @@ def refuse_if_leased(root: Root, stage: str, scope: str, what: str, break_lock: 
             f"{what} is being read by `{holder.command or 'dad'}` (pid {holder.pid} on {holder.host}, lease "
             f"{root.uri(*folder, name)}): rewriting it now would change the data under that run. Wait for "
             f"it to finish (if that process is gone: --break-lock)")
-
-
-# -- recorded config ------------------------------------------------------------------------
-
-def check_recorded(root: Root, cfg: DadConfig, stage: str) -> None:
-    """Write dad.toml on first use; refuse a config whose shard-stage settings changed since."""
-    if not root.exists("dad.toml"):
-        root.write_bytes(cfg.to_toml().encode(), "dad.toml")
-        return
-    import tomllib
-
-    try:
-        raw = tomllib.loads(root.read_bytes("dad.toml").decode())
-    except ValueError as err:  # TOMLDecodeError, UnicodeDecodeError: name the file and how to repair it
-        raise DamagedFileError(root.uri("dad.toml"), "dad.toml", f"not valid TOML: {err}") from None
-    recorded = load_config(raw=raw)
-    for upstream, keys in STAGE_KEYS.items():
-        old, new = recorded.identity(), cfg.identity()  # dad.toml holds a redacted config
-        changed = [k for k in _flat_keys(keys, new) if _get(old, k) != _get(new, k)]
-        if changed and stage != upstream:
-            raise StaleConfigError(
-                f"{', '.join(changed)} changed since `dad {upstream}` wrote {root.url}. The cached outputs "
-                f"were made with the old values: rerun `dad {upstream}` on a new --root, or restore them.")
-        if changed and stage == upstream:
-            if root.exists("ledger", upstream):
-                raise StaleConfigError(
-                    f"{', '.join(changed)} differ from the run recorded in {root.url}/dad.toml; "
-                    f"use a new --root for a different corpus or crop plan.")
-            root.write_bytes(cfg.to_toml().encode(), "dad.toml")
-
-
-def _flat_keys(keys: tuple[str, ...], tree: dict) -> list[str]:
-    out = []
-    for key in keys:
-        node = _get(tree, key)
-        if isinstance(node, dict):
-            out.extend(_flat_keys(tuple(f"{key}.{k}" for k in node), tree))
-        else:
-            out.append(key)
-    return out
-
-
-def _get(tree: dict, key: str):
-    node = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node

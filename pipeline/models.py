@@ -1,19 +1,10 @@
 """Model files by URL + sha256: fetched once, verified, reused; a mirror folder serves offline machines.
 
-A teacher (or a student's initial weights) names its file by where it is published — any fsspec URL,
-`https://` included — and the sha256 of its bytes. `resolve` returns a local path to bytes with that
-digest, looking in order at:
-
-1. the mirror folders (`run.model_mirror`, then `DAD_MODEL_MIRROR`, `os.pathsep`-separated): a file
-   whose sha256 is the one asked for, whatever its name (a mirror keeps its own names, e.g.
-   `../shared/models`); digests of a folder are computed once per process;
-2. the download cache (`run.model_cache`, `DAD_MODEL_CACHE`, default `~/.cache/dad/models`), where
-   files are stored under their digest;
-3. the URL itself, read once into the cache through a temporary file renamed into place.
-
-Bytes whose digest differs are refused with both digests; a URL that cannot be read and no mirror
-hit fail with a message naming the mirror option. A local path given without sha256 is used as it
-is (its digest still identifies it). Credentials never appear in a message (`display`).
+`resolve` returns a local path to bytes with the wanted digest, looking first in the mirror folders
+(`run.model_mirror`, then `DAD_MODEL_MIRROR`; matched by digest, whatever the file's name), then in the
+download cache (`run.model_cache`, `DAD_MODEL_CACHE`, default `~/.cache/dad/models`), and only then at the
+URL, read once into the cache. Bytes with another digest are refused naming both digests; credentials
+never appear in a message (`display`).
 """
 
 from __future__ import annotations
@@ -156,3 +147,18 @@ def use_run_settings(mirrors: list[str], cache: str | None) -> None:
         os.environ[MIRROR_ENV] = os.pathsep.join(dict.fromkeys([*mine, *have]))
     if cache:
         os.environ[CACHE_ENV] = os.path.abspath(os.path.expanduser(cache))
+
+
+def graph_source(cfg) -> tuple[str, str, dict]:
+    """A tflite student's starting model: (sha256, local path, GraphStudent options). `teacher:<name>` takes
+    that teacher's file (URL + sha256 + mirror), output and input normalization."""
+    ref, name = cfg.student.init_from, cfg.student.init_teacher
+    if name is not None:
+        tcfg = cfg.teachers[name]
+        path = resolve(tcfg.model, tcfg.sha256, what=f"student.init_from ({ref})")
+        space = "depth" if tcfg.output_space in ("depth", "metric_depth", "affine_depth") else "disparity"
+        options = {"output_index": tcfg.output_index, "output_space": space, "mean": tcfg.input_mean,
+                   "std": tcfg.input_std}
+    else:
+        path, options = resolve(ref, what="student.init_from"), {}
+    return digest(path), path, options

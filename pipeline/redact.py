@@ -1,11 +1,9 @@
 """What a URI may look like once it leaves memory: no credentials, no signatures, printable.
 
-A URI names where data is (a corpus file, a URI list, the run root, a model file), and it may also carry
-what opens it: `user:password@`, a presigned URL's `X-Amz-Signature=…`, a `?token=`. Those serve the fetch
-only. `redact` removes them from a URI, or from any text that quotes one (an error message); it is the one
-function every URI passes through before it is stored, printed or reported. `public` also makes a file
-name (or a message quoting one) storable: bytes that are not UTF-8 and control characters become `\\xNN`.
-Fingerprints are taken of redacted configs, so two presignings of one object are one source.
+A URI may carry what opens it (`user:password@`, a presigned URL's `X-Amz-Signature=…`, a `?token=`),
+which serves the fetch only. `redact` removes that from a URI, or from any text quoting one, and every URI
+passes through it before it is stored, printed or reported. `public` also makes a name storable: bytes
+that are not UTF-8 and control characters become `\\xNN`. Fingerprints are taken of redacted configs.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Ray runtime and executors: how a stage's per-cell work gets run.
 
-Stages describe *what* to do per cell (a corpus shard, a (teacher, shard) pair) as plain functions;
-this module decides *where* (datatrove's split of steps and executors):
-
-* `RayExecutor` — the default. Connects to `run.ray_address` / `--address` (`auto`, `host:6379`,
-  `ray://host:10001`) or starts a local cluster with this machine's CPUs and GPUs. Ray's own log
-  noise is kept out of the terminal (driver log forwarding off, warnings only).
-* `InlineExecutor` — runs cells in this process, one after another. Used for `memory://` roots
-  (a memory filesystem is invisible to other processes) and for debugging (`run.executor = "inline"`).
-
-Both show a progress bar and return results in completion order with the cell they belong to.
+Stages describe *what* to do per cell (a corpus shard, a (teacher, shard) pair) as plain functions; this
+module decides *where*: `RayExecutor` (the default: `run.ray_address` / `--address`, or a local cluster
+with this machine's CPUs and GPUs) or `InlineExecutor` (this process, one cell after another: memory://
+roots, debugging, `run.executor = "inline"`). Both show a progress bar and return results in completion
+order with the cell they belong to.
 """
 
 from __future__ import annotations

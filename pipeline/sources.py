@@ -1,18 +1,10 @@
 """Where corpus images come from: folders, globs, WebDataset tars, and URI lists — all through fsspec.
 
-`expand_sources` turns `corpus.sources` into *units* of reading work (a batch of plain files, or one
-tar) plus the entries it already knows are bad. `read_unit` yields `(uri, bytes)` or
-`(uri, Rejected)` for every entry of a unit. Tar members are addressed as `<tar-url>#<member>`;
-members that are links, absolute paths or contain `..` are refused (we never extract to disk, but
-such a member is a sign of a hostile or broken archive and is reported, not read).
-
-Every entry of a source ends as a sample or a reject (issue #19): a local folder is walked here entry
-by entry (`walk_local`: a folder that cannot be listed, a FIFO, socket or device, a broken or looping
-symlink, a symlink to a folder — not followed — each become a reject with its reason); a file is opened
-without blocking and checked to be a regular file no larger than `images.max_encoded_bytes` before a
-byte is read; URLs are read with `corpus.timeout` and `corpus.retries` (`Fetch`). Units hold the real
-URIs; what is yielded, stored and shown is their `redact.public` form (no credentials, no signatures,
-names that are not UTF-8 escaped), and `wanted` is given in that form.
+`expand_sources` turns `corpus.sources` into units of reading work (a batch of plain files, or one tar)
+plus the entries already known to be bad; `read_unit` yields `(uri, bytes)` or `(uri, Rejected)` for each
+entry (tar members as `<tar-url>#<member>`). Every entry ends as a sample or a reject with its reason
+(hostile tar members, special files, broken or looping links, oversized files, timeouts), and only the
+`redact.public` form of a URI (no credentials, no signatures) is stored or shown.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The run root: every byte a stage reads or writes goes through fsspec under one URL.
 
-A `Root` is tiny and picklable (URL + storage options), so Ray tasks rebuild it on any node. Writes
-are atomic per object: local files are written to a temporary name and renamed; object stores
-(s3, gcs) make an object visible only when its upload completes; memory:// writes are in-process.
-Credentials are never stored here: s3fs reads them from the environment. A root URL that carries them
-(`s3://KEY:SECRET@bucket/run`) is split: they move into the storage options (memory only) and `url`, which
-every message and output shows, is the URL without them.
+A `Root` is tiny and picklable (URL + storage options), so Ray tasks rebuild it on any node. Writes are
+atomic per object: local files go to a temporary name and are renamed; object stores make an object
+visible only when its upload completes. Credentials in a root URL (`s3://KEY:SECRET@bucket/run`) move
+into the storage options (memory only); `url`, which every message and output shows, is without them.
 """
 
 from __future__ import annotations

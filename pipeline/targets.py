@@ -1,13 +1,9 @@
 """Small pure functions on cached targets, shared by the score stage and training.
 
-* `fit_affine` — closed-form masked least squares `s·x + t ≈ y`, s ≥ 0 (the standard alignment).
-* `canonical` — maps a disparity map to a fixed frame, 1 + (x − p2)/(p98 − p2) (so ≈ [1, 2]).
-  AbsRel in this frame is invariant to any affine map a·x + b (a > 0) of either input, which a
-  quality score must be: teachers' disparities come in arbitrary scale and shift.
-* `aligned_absrel` — AbsRel of x aligned to ref by least squares, in ref's canonical frame
-  (`aligned_fit` also says whether the pair is anti-correlated: a negative scale is disagreement).
-* `cut_box` — a fractional box of a map, resampled to a given size (the student/teacher crop rule).
-* `mix_targets` — the pixel-wise weighted average of aligned teacher maps (the paper's "Avg." arm).
+`fit_affine` (least squares `s·x + t ≈ y`, s ≥ 0), `canonical` (1 + (x − p2)/(p98 − p2): AbsRel in this
+frame is invariant to affine maps of either input), `aligned_absrel` / `aligned_fit` (the score stage's
+AbsRel, and whether a pair is anti-correlated), `cut_box` (a fractional box resampled: the student/teacher
+crop rule) and `mix_targets` (the pixel-wise average of the paper's "Avg." arm). See docs/method.md §4.
 """
 
 from __future__ import annotations

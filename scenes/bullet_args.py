@@ -1,12 +1,9 @@
 """Leak-safe arguments for ``pybullet.createVisualShape`` meshes.
 
-Why this exists: pybullet 3.2.7's Python binding keeps a reference to every vertex row and every
-coordinate object passed as ``vertices``/``normals``/``uvs``/``indices`` and never releases it, even
-after ``disconnect``. Passing fresh ``ndarray.tolist()`` output leaked ~1 kB per vertex (about 5 MB per
-rendered scene), which would exhaust memory in a long corpus run. Reusing the *same* Python objects
-turns the leak into refcount bumps: row lists come from a pool and are overwritten in place, and
-numbers are interned after quantisation (1e-4 of a unit: 0.1 mm for body-local vertex positions,
-far below a pixel), so memory stays bounded. Measured leak afterwards: a few kB per body.
+pybullet 3.2.7's binding keeps a reference to every vertex row and coordinate object it is given and
+never releases it: fresh ``ndarray.tolist()`` output leaked ~5 MB per rendered scene. Reusing the *same*
+Python objects turns the leak into refcount bumps: row lists come from a pool and are overwritten in
+place, and numbers are interned after quantisation to 1e-4 of a unit (0.1 mm), so memory stays bounded.
 """
 
 from __future__ import annotations

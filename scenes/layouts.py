@@ -1,17 +1,10 @@
 """Random scene layouts (rooms, tabletops, outdoor lots) and their cameras, as plain data.
 
-Why plain data first and pybullet second: the whole scene, its cameras included, is drawn from one
-``numpy`` generator seeded by the scene seed, before any renderer exists. That makes a scene a pure
-function of its seed (no dependence on the renderer's internal ids or call order), lets tests count
-objects without rendering, and lets several views share one scene build.
-
-Why cameras are drawn before the clutter: most clutter is dropped where a camera's pixel ray meets a
-supporting surface (floor, table, shelf top), so every view sees many objects (10-30), near
-occluders included, instead of an empty floor. Cameras vary pitch (-80 to +30 degrees, top-down
-tabletop views included), roll (up to +-20 degrees) and field of view, so "bottom of the image is
-near" is not the only lesson; looking up or at a wall gives views without floor.
-
-World frame: z up, floor or ground at z = 0. Camera frame: OpenCV (x right, y down, z forward).
+The whole scene, cameras included, is drawn from one numpy generator seeded by the scene seed before any
+renderer exists: a scene is a pure function of its seed, countable without rendering, shared by its views.
+Cameras are drawn before the clutter, which is dropped where camera rays meet supporting surfaces, so every
+view sees 10-30 objects; pitch, roll and field of view vary, so "bottom of the image is near" is not the
+only lesson. World frame: z up, floor at z = 0. Camera frame: OpenCV (x right, y down, z forward).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Triangle meshes with metric texture coordinates for the scene renderer.
 
-Why our own meshes instead of pybullet's primitives: pybullet stretches one copy of a texture over
-each primitive face whatever its size, so a 10 m wall and a 10 cm cube show the same pattern
-density and the texture-gradient depth cue is lost. Here UVs are in metres divided by a tile size,
-so a pattern repeats every ``tile`` metres on every surface and its image density falls with
-distance as it does in photographs. The renderer interpolates UVs perspective-correctly and wraps
-them, so large flat faces need no subdivision.
-
+pybullet stretches one copy of a texture over each primitive face whatever its size, which loses the
+texture-gradient depth cue. Here UVs are metres divided by a tile size, so a pattern repeats every
+``tile`` metres on every surface and its image density falls with distance, as in photographs.
 All meshes are centred on their own origin; ``z`` is up for cylinders, capsules and cones.
 """
 

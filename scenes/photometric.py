@@ -1,11 +1,9 @@
 """Image-space finishing for rendered views: sky, aerial haze, and photometric augmentation.
 
-Why: pybullet's TinyRenderer paints empty pixels white and has no atmosphere, so outdoor renders
-show a white void above a hard ground edge. A sky that follows the camera's true horizon and haze
-that grows with exact depth give the aerial-perspective cue real outdoor photographs carry.
-Augmentation (colour jitter, gamma, blur, sensor noise, JPEG artefacts, dark frames) touches RGB
-only and never depth, so the labels stay exact; it narrows the gap between clean renders and
-camera photographs. Every random choice comes from the generator passed in (seeded by the view).
+TinyRenderer paints empty pixels white and has no atmosphere; a sky that follows the camera's true horizon
+and haze that grows with exact depth give the aerial-perspective cue of outdoor photographs. Augmentation
+(colour jitter, gamma, blur, sensor noise, JPEG artefacts, dark frames) touches RGB only, never depth, so
+the labels stay exact. Every random choice comes from the generator passed in (seeded by the view).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Props for the rendered scenes: clutter objects, furniture and outdoor structures, as textured parts.
 
-Why composites and not only primitives: depth models must learn occlusion boundaries, thin
-structures (table legs, poles, fence rails, lamp cords) and objects standing on other objects; a
-scene of isolated spheres and boxes teaches none of that. Every prop is a list of parts placed
-relative to its base point (centre of its footprint on the supporting surface, z up), so the layout
-code can stand it on a floor, a table or a shelf with any yaw. Everything is drawn from the
-``numpy`` generator it is given, so a prop is a pure function of the generator state.
+Depth models must learn occlusion boundaries, thin structures (table legs, poles, fence rails, lamp cords)
+and objects standing on others, which isolated primitives do not teach. A prop is a list of parts placed
+relative to its base point (footprint centre on the supporting surface, z up), so a layout can stand it on
+a floor, table or shelf with any yaw; it is a pure function of the numpy generator it is given.
 """
 
 from __future__ import annotations

@@ -1,40 +1,11 @@
 """Rendered 3-D scenes with exact metric depth: the embedded default corpus and its exact-label twin.
 
-Why rendered scenes: the embedded default must run with no GPU and no downloadable weights or
-data, yet the pipeline needs images whose true depth is known, both to check every stage and to
-measure whether distillation helps. A renderer gives that: RGB plus z-buffer depth that is exact
-to float precision, for as many fresh images as wanted.
-
-How: ``layouts.build_scene`` draws a room, a cluttered tabletop or an outdoor lot (10-30 objects in
-view, thin structures, near occluders, photo and procedural textures with metric UVs) and four
-cameras, all from the scene seed; pybullet's CPU TinyRenderer (DIRECT mode, a fresh client per
-scene build, disconnected after, so safe in multiprocessing pools and Ray workers) renders one
-camera. View ``seed`` shows camera ``seed % 4`` of scene ``seed // 4``: ``render_view(seed)`` is a
-pure function of its seed, and ``render_views`` builds each scene once for its consecutive seeds
-(a build costs about half a render). Depth is z along the optical axis in metres,
-``z = f·n / (f − (f − n)·zbuf)``; 0 marks pixels with no surface (sky).
-
-Lighting: TinyRenderer's directional light (random direction, colour, ambient/diffuse/specular),
-plus cast shadows from a second render from the sun or an indoor lamp and screen-space ambient
-occlusion, both computed from exact depth (``shading.py``); sky and aerial haze outdoors
-(``photometric.py``). TinyRenderer's own ``shadow=1`` is off: it drew no visible shadows here.
-
-Anti-aliasing choice: the renderer samples textures nearest-neighbour without mipmaps and has no
-edge anti-aliasing. ``supersample=2`` renders at 2x and averages RGB over 2x2 blocks (depth: the
-harmonic mean of the block's majority surface, exact for planes), which removes the shimmer on
-distant floors but costs about 3x (measured 3.8 vs 10.3 images per CPU-second), far outside the
-20 images/s goal. The default is ``supersample=1``; textures are Lanczos-resized 256² tiles, so
-close surfaces stay crisp and only distant, strongly minified ones shimmer.
-
-Speed (``bench/scenes_speed.py``, 256², this 2-core machine while shared with other jobs): ~10
-images per CPU-second per process: ~35 ms main render, ~13 ms shadows (in ~70% of views), ~19 ms
-scene build and ~5 ms layout per view (a build is shared by 4 views). Two processes gave 9.6
-images/s at load average 3.5; an idle 2-core machine would give about 2 x 10 (not measured: this
-machine was never idle).
-
-Memory: pybullet 3.2.7 leaks what ``createVisualShape`` is given; ``bullet_args`` removes most of it,
-about 0.4-0.7 MB per scene remains inside pybullet. Pools (``processes > 1``) restart workers every
-``RECYCLE_AFTER_SCENES`` scenes; long single-process runs should use a pool or short-lived workers.
+The embedded default needs images whose true depth is known, with no GPU and nothing to download.
+``render_view(seed)`` shows camera ``seed % 4`` of scene ``seed // 4`` (``layouts.build_scene``), drawn by
+pybullet's CPU TinyRenderer in a fresh client: depth is z along the optical axis in metres, 0 = no surface.
+Shadows, ambient occlusion (``shading``), sky and haze (``photometric``) come from exact depth.
+``supersample=2`` anti-aliases at ~3x the cost (default 1). Pools restart workers every
+``RECYCLE_AFTER_SCENES`` scenes: pybullet leaks natively what ``bullet_args`` cannot prevent.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Cast shadows and ambient occlusion for TinyRenderer views, computed from exact geometry.
 
-Why: pybullet's TinyRenderer shades each surface by its own normal only. Its ``shadow=1`` option
-drew no visible cast shadows here (checked with pybullet_data's plane and cube) and doubled the
-render time, so scenes had objects that seem to float: no contact darkening, no shadow on the floor
-next to a box. Shadows and occlusion are real depth cues that photographs carry, so we add them:
-
-- Cast shadows by shadow mapping: the scene is rendered a second time from the light (a distant,
-  narrow-angle camera for the sun; a wide camera at the lamp for indoor scenes), and every pixel's
-  exact 3-D point (from the depth buffer) is projected into that light view; points farther from
-  the light than the surface the light sees are in shadow (a 3x3 blur of the mask softens the
-  edges).
-- Screen-space ambient occlusion: pixels whose neighbourhood is nearer to the camera than they are
-  (creases, the floor around an object's base) are darkened a little.
-
-Both change RGB only; depth stays exact.
+TinyRenderer shades each surface by its own normal only (its ``shadow=1`` drew no visible shadows and
+doubled the render time), so objects seemed to float. Two real depth cues are added, to RGB only: cast
+shadows by shadow mapping (a second render from the sun or the lamp; points farther from the light than
+what it sees are shadowed, edges softened by a 3x3 blur) and screen-space ambient occlusion (pixels whose
+neighbourhood is nearer to the camera are darkened a little). Depth stays exact.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Texture bank for the rendered scenes: real photographs from scikit-image plus procedural materials.
 
-Why: a student trained on flat-coloured renders learns nothing about texture gradients, the cue that
-tells distance from how densely a pattern repeats. Real photographs give natural image statistics;
-procedural materials (wood, tiles, plaster, stripes, checkers) give the regular patterns that make
-the texture-gradient cue strong. Everything is generated from fixed seeds, so the bank is identical
-in every process and every render stays a pure function of its seed.
-
-Only photographs that ship inside scikit-image (no download) are used. ``stereo_motorcycle`` is
-evaluation material (it has ground-truth disparity) and is never a texture; nor is anything under
-``shared/data/realeval``. ``FORBIDDEN_SOURCES`` is checked when the bank is built.
-
-Photographs are made seamless by mirror tiling (the 2x2 mirrored image repeats without seams), since
-the renderer repeats every texture many times across a floor or wall.
+A student trained on flat-coloured renders learns nothing about texture gradients. Photographs that ship
+inside scikit-image (no download; made seamless by mirror tiling) give natural image statistics;
+procedural materials (wood, tiles, plaster, stripes, checkers) give regular patterns. Everything comes
+from fixed seeds, so every render stays a pure function of its seed. Evaluation material is never a
+texture: ``stereo_motorcycle`` (it has GT disparity) is in ``FORBIDDEN_SOURCES``, checked at build time.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Eval stage: the zero-shot protocol (`student.evaluation`) for a student checkpoint or any teacher.
 
-`dad eval -c FILE (--checkpoint CKPT | --teacher NAME) [--dataset kind:PATH …] [--align SPACE]`
-writes, under the run root:
-
-    eval/<name>/metrics.json     per dataset: n, abs_rel, delta1–3, rmse (+ families, baselines, wins, protocol)
-    eval/<name>/per_sample.csv   one row per sample of every dataset (nothing is skipped silently)
-    eval/<name>/pictures/<dataset>_<id>.png   RGB | ground truth | aligned prediction | error
-
-`<name>` is the checkpoint's stem or `teacher-<name>` unless given; metrics.json is written last.
-Teacher outputs are converted to disparity first (`pipeline.cache.as_disparity`). Skipped samples
-(too few valid GT pixels, no GT) are named on the console and listed in both files.
-
-Deviations from the reference scripts, on purpose: one inference resolution for every dataset
-(Marigold runs NYU/KITTI/ScanNet at native size, ETH3D at 756, DIODE at 640); ETH3D's fit uses
-Marigold's `alignment_max_res` 1024.
+`dad eval -c FILE (--checkpoint CKPT | --teacher NAME) [--dataset kind:PATH …] [--align SPACE]` writes
+`eval/<name>/per_sample.csv`, `eval/<name>/pictures/` and, last (it is the completion marker),
+`eval/<name>/metrics.json`; `<name>` is the checkpoint's stem or `teacher-<name>` unless given. Teacher
+outputs are converted to disparity first. Samples without enough valid GT are not scored: they are named
+on the console and listed in both files. Protocol, outputs and deviations: docs/evaluation.md.
 """
 
 from __future__ import annotations

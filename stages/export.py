@@ -1,12 +1,10 @@
 """`dad export`: a trained student as a file others can run, with a model card that says what it is.
 
-Why: a student is useful beyond this project only once it runs without it — one ONNX file for
-onnxruntime on any CPU, GPU or phone (or a transformers Depth Anything folder, `--format hf`) — and
-its weights carry the terms of the labels it learned from. So the card names the teachers and their
-licences, the training data and steps, and the evaluation beside the baselines, and it ends with a
-ready-to-paste `[teachers.<name>]` section: the exported student can teach the next round.
-An ONNX file is kept only once checked: onnx.checker, then onnxruntime against torch at two batch
-sizes and image sizes (batch, height and width are all dynamic); a file that disagrees is refused.
+One ONNX file for onnxruntime on any CPU, GPU or phone (or a transformers Depth Anything folder, `--format
+hf`), and a card naming the teachers and their licences (the weights carry the terms of their labels),
+the training data and steps, the evaluation beside the baselines, and a ready `[teachers.<name>]` section:
+the student can teach the next round. An ONNX file is kept only once onnx.checker and onnxruntime agree
+with torch at two batch sizes and image sizes.
 """
 
 from __future__ import annotations

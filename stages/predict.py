@@ -1,17 +1,10 @@
 """`dad predict`: disparity maps for any images, with a student checkpoint or a configured teacher.
 
-Inputs are image files, folders (searched recursively for image extensions), globs or fsspec URLs
-(s3://bucket/dir/*.jpg). For every readable image `<stem>.<ext>` the output folder (any fsspec URL)
-gets
-    <stem>.npy        float32 (H, W) disparity at the image's original resolution (larger = nearer)
-    <stem>.png        the same, colour-mapped (pipeline.plots.colorize: perceptual, 2–98 % range)
-    <stem>_side.png   with --side-by-side: image | colour map
-Two inputs with the same stem get `<stem>-2`, `<stem>-3`, … (logged). Prediction is the evaluation
-path (student/infer.py): short side `resolution` at multiples of 14, bicubic, predict, bilinear back
-to the original size; images of the same size are batched. Files that cannot be read or decoded
-(`pipeline.images.decode_rgb`: corrupt, not an image, decompression bomb) are reported and skipped;
-they never stop the run. Teacher outputs are converted to disparity. An output that would replace
-an input (`--out` naming the input folder) is refused before anything is read or written.
+Inputs are files, folders (searched recursively), globs or fsspec URLs. Per image the output folder gets
+`<stem>.npy` (float32 disparity at the original size, larger = nearer), `<stem>.png` (colour-mapped) and,
+with `--side-by-side`, `<stem>_side.png`; repeated stems get `-2`, `-3`, …. Prediction is the evaluation
+path (`student.infer`). Unreadable images are reported and skipped; an `--out` that would replace an
+input is refused before anything is read or written.
 """
 
 from __future__ import annotations

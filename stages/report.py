@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.config import DadConfig
-from pipeline.corpus import iter_shard, manifest
-from pipeline.images import resize
+from pipeline.corpus import iter_shard, manifest, tar_record
+from pipeline.crops import global_input
 from pipeline.layout import (
     METRICS_LOG,
     MODEL,
@@ -36,6 +36,7 @@ from pipeline.layout import (
     train_run,
 )
 from pipeline.ledger import Ledger
+from pipeline.lineage import SCORE, SHARD, TEACH, TRAIN, Lineage
 from pipeline.plots import colorize, line_plot, png_bytes
 from pipeline.storage import Root
 
@@ -84,7 +85,7 @@ def stage_section(root: Root) -> str:
              ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "name", "finished", "seconds", "path"))]
             for r in ledger.runs()]
     cells = []
-    for stage in ("shard", "teach", "score", "train"):
+    for stage in (SHARD, TEACH, SCORE, TRAIN):
         for scope in ledger.scopes(stage):
             markers = ledger.markers(stage, scope)
             final = [ledger.info(stage, scope, c, fp) for c, fps in markers.items() for fp in fps
@@ -302,12 +303,11 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
     g = cfg.crops.global_size
     wanted = {r["row"] for r in rows}
     images = {}
-    from stages.shard import tar_record
-
+    corpus_fp = Lineage(cfg).shard
     for shard in sorted({r["shard"] for r in rows}):
-        for rec, region in iter_shard(root, shard, expect=tar_record(root, cfg, shard)):  # checked before use
+        for rec, region in iter_shard(root, shard, expect=tar_record(root, corpus_fp, shard)):  # checked before use
             if rec["row"] in wanted:
-                images[rec["row"]] = resize(region, (g, g))
+                images[rec["row"]] = global_input(region, g)
     for i, r in enumerate(rows):
         axes[i][0].imshow(images[r["row"]])
         axes[i][0].set_title("input" if i == 0 else "")

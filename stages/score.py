@@ -1,27 +1,11 @@
 """Score stage: how good is each teacher on each sample, and which teacher should supervise it.
 
-Metrics (per sample and teacher, on disparity; one Ray task per corpus shard, each with a marker):
-
-* `lg_consistency` — mean over the K local predictions of the AbsRel between the local prediction
-  (least-squares scale+shift fitted) and the teacher's own global prediction cut at that patch:
-  how much the teacher contradicts itself across contexts (PAPER §3, Fig. 5). Lower is better.
-* `agreement` — median over the other teachers of the aligned AbsRel between global predictions
-  (null with one teacher). Lower is better.
-* `valid_fraction`, `collapsed` (non-finite, or relative spread below `score.collapse_rel_std`),
-  and value-range statistics (p2, median, p98 of the global disparity).
-
-Every AbsRel is measured in the reference's canonical frame (`pipeline.targets.canonical`), so all
-metrics are invariant to affine maps of a teacher's output — teachers differ in scale and shift.
-Only positive scales: a negative fitted scale is disagreement (scored as a flat map), and
-`anticorrelated` (share of the other teachers a map runs against) flags a sign-inverted teacher in
-`scores/selection_summary.json` and on the console.
-
-Selection (`scores/selection.parquet`, recomputed from `scores.parquet` alone, in seconds, when only
-the policy changes): per sample, the probability `p_<teacher>` that a training step uses it.
-`paper` fixed priors · `best` argmin score · `weighted` prior × softmax(−score/τ) · `filter` a base
-policy plus dropping samples whose best score exceeds a threshold · `mix` per-sample weights of a
-pixel-wise average (the paper's "Avg." arm, which it found harmful; here to test that claim).
-Collapsed/invalid pairs and excluded licences always get 0; samples left with nothing are dropped.
+Per (sample, teacher), on disparity, one Ray task per corpus shard: `lg_consistency` (the teacher's local
+predictions against its own global one), `agreement` (against the other teachers), `valid_fraction`,
+`collapsed`, and `anticorrelated` (flags a sign-inverted teacher), all invariant to affine maps of a
+teacher's output. The selection policy (`paper`, `best`, `weighted`, `filter`, `mix`) then gives each
+sample its teachers' probabilities; changing only the policy recomputes only the selection, in seconds.
+Formulas: docs/method.md §4.
 """
 
 from __future__ import annotations
@@ -33,35 +17,19 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cache import as_disparity, open_cache, read_rows
-from pipeline.config import DadConfig, ScoreCfg, fingerprint
-from pipeline.corpus import manifest
+from pipeline.cache import as_disparity, open_cache, read_rows, require_intact_metadata
+from pipeline.config import DadConfig, ScoreCfg
+from pipeline.corpus import manifest, require_intact_corpus, shard_ids
 from pipeline.layout import SCORES, SELECTION, SELECTION_SUMMARY, score_part, shard_name
-from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
+from pipeline.ledger import Ledger, read_leases, stage_lock
+from pipeline.lineage import TEACH, Lineage, check_recorded
 from pipeline.runtime import executor_for
 from pipeline.storage import Root
 from pipeline.targets import aligned_absrel, aligned_fit, cut_box
-from stages.shard import require_intact_corpus
-from stages.teach import cell_fingerprint, require_intact_metadata
-from stages.teachers import spec_for
+from stages.teachers import lineage_for
 
 log = logging.getLogger("dad.score")
 STAGE = "score"
-
-
-def teacher_fps(cfg: DadConfig) -> dict[str, str]:
-    return {n: cell_fingerprint(cfg, spec_for(n, t).fingerprint) for n, t in cfg.teachers.items()}
-
-
-def metrics_fingerprint(cfg: DadConfig, tfps: dict[str, str]) -> str:
-    s = cfg.score
-    return fingerprint({"teachers": tfps, "collapse": s.collapse_rel_std, "valid": s.min_valid_fraction, "v": 1})
-
-
-def selection_fingerprint(cfg: DadConfig, mfp: str) -> str:
-    s = cfg.score.model_dump(exclude={"collapse_rel_std", "min_valid_fraction"})
-    return fingerprint({"metrics": mfp, "policy": s, "priors": {n: t.prior for n, t in cfg.teachers.items()},
-                        "licenses": {n: t.license for n, t in cfg.teachers.items()}})
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -205,25 +173,21 @@ def select(cfg: DadConfig, scores: pa.Table) -> tuple[pa.Table, dict]:
 
 # -- the stage ------------------------------------------------------------------------------------
 
-def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) -> dict:
+def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, lineage: Lineage | None = None) -> dict:
     t0 = time.time()
     root = Root(cfg.run.root)
     ledger = Ledger(root)
     if not cfg.teachers:
         raise ValueError("no teachers configured: add a [teachers.<name>] section")
     check_recorded(root, cfg, STAGE)
-    tfps = teacher_fps(cfg)
-    require_intact_corpus(root, cfg, shards=[])  # the manifest as `dad shard` wrote it (score reads no tar)
-    shards = sorted(set(manifest(root, ["shard"]).column("shard").to_pylist()))
-    for n, tfp in tfps.items():
-        missing = [s for s in shards if shard_name(s) not in ledger.done("teach", n, tfp)]
-        if missing:
-            raise FileNotFoundError(f"teacher {n!r} has no current targets for {len(missing)} shard(s): "
-                                    f"run `dad teach --teacher {n}`")
-    mfp = metrics_fingerprint(cfg, tfps)
+    lineage = lineage or lineage_for(cfg)
+    require_intact_corpus(root, lineage.shard, shards=[])  # the manifest as `dad shard` wrote it (score reads no tar)
+    shards = shard_ids(root)
+    lineage.require(root, TEACH)
+    mfp = lineage.metrics
     with stage_lock(root, STAGE, break_lock=break_lock, command="dad score"), \
             read_leases(root, "teach", list(cfg.teachers), "dad score", break_lock):  # no teach rewrites them meanwhile
-        require_intact_metadata(root, cfg, list(cfg.teachers), shards)
+        require_intact_metadata(root, cfg, lineage.output_spaces(), shards)
         done = ledger.done(STAGE, "metrics", mfp)
         todo = [s for s in shards if shard_name(s) not in done]
         if todo:
@@ -236,7 +200,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
             root.write_table(pa.concat_tables(parts, promote_options="default"), *SCORES)
             ledger.mark(STAGE, "_", "scores", mfp)
         scores = root.read_table(*SCORES)
-        sfp = selection_fingerprint(cfg, mfp)
+        sfp = lineage.selection
         table, sel = select(cfg, scores)
         root.write_table(table, *SELECTION)
         root.write_json(sel, *SELECTION_SUMMARY)
@@ -273,16 +237,21 @@ def anticorrelation_warnings(sel: dict, teachers: list[str]) -> list[str]:
             for n, frac in flagged.items()]
 
 
-def status(cfg: DadConfig, root: Root) -> list[dict]:
-    ledger = Ledger(root)
+def status(cfg: DadConfig, root: Root, lineage: Lineage | None = None) -> list[dict]:
+    ledger, lineage = Ledger(root), lineage or lineage_for(cfg)
     try:
-        total = len(set(manifest(root, ["shard"]).column("shard").to_pylist()))
-        mfp = metrics_fingerprint(cfg, teacher_fps(cfg))
+        total = len(shard_ids(root))
+        mfp = lineage.metrics
     except (FileNotFoundError, ValueError):
         return []
     markers = ledger.markers(STAGE, "metrics")
     done = sum(mfp in fps for fps in markers.values())
     stale = sum(mfp not in fps for fps in markers.values())
-    sel = ledger.is_done(STAGE, "_", "selection", selection_fingerprint(cfg, mfp))
-    note = ("selection current" if sel else "selection missing or policy changed") if done == total else ""
+    if done < total:
+        note = f"stale: {lineage.why_stale(root, STAGE, 'metrics')}" if stale else ""
+    elif ledger.is_done(STAGE, "_", "selection", lineage.selection):
+        note = "selection current"
+    else:
+        why = lineage.why_stale(root, STAGE, 'selection')
+        note = f"selection stale: {why}" if why else "selection missing"
     return [{"stage": STAGE, "scope": "metrics", "done": done, "total": total, "stale": stale, "note": note}]

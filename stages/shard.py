@@ -1,33 +1,11 @@
 """Shard stage: an unlabeled corpus → WebDataset tar shards, a manifest, rejects and the crop plan.
 
-1. **List** every source (folders, globs, tars, URI lists) and hash every entry in Ray tasks;
-   `corpus/listing.parquet` records uri, sha256 and any early reject. Sample ids are content
-   hashes, so exact duplicates collapse to one sample and the rest are recorded as duplicates.
-   Every URI is stored in its public form (`redact.public`: no credentials or signatures, odd names
-   escaped); the real ones live in memory only, and a resumed run lists the sources again to read
-   the entries whose forms differ (`private_for`).
-2. **Assign** unique samples to shards of `corpus.shard_size` in sample-id order (a content-hash
-   order: shards mix sources, and the assignment depends on nothing but the inputs).
-3. **Write** one Ray task per unfinished shard: decode (rejecting bad images with a reason), draw
-   the crop plan from (seed, sample_id), cut the global region at native resolution (capped at
-   `corpus.max_region`), encode, and write `corpus/shards/NNNNNN.tar` plus its manifest/reject
-   parts; then its ledger marker. Same inputs and config → byte-identical shards, whatever the
-   number of workers or crashes in between.
-4. **Finalize**: concatenate the parts into `corpus/manifest.parquet`, `corpus/rejects.parquet`
-   and `crops/plan.parquet`.
-
-Integrity (issue #19): every marker records the size and sha256 of the objects it vouches for
-(`objects`: a shard's tar and parts; the listing; the final files), which teach, score and train check
-before they read them. `dad shard` checks sizes (`--verify`: sha256) and rebuilds a cell that differs,
-but only into the bytes its marker recorded: a rebuild that differs (the sources changed) is refused.
-A marker written before digests existed has none: that shard is read unchecked, as before, and
-`dad shard --verify` rebuilds it and records its digest if the rebuild is byte-identical.
-
-Changed sources (issue #19): the listing records a cheap signature of the sources (each file's size and
-mtime, `corpus/sources.parquet`). `dad status` and `dad shard` compare it with the sources now and say
-what a rerun would add, drop or re-read. A listed corpus is never extended (the shard assignment,
-every cached target and score depend on the whole listing): `dad shard` refuses, and the current
-sources go into a new --root. A listing made before the signature existed is not compared.
+Every source entry is listed and hashed (sample id = content hash; duplicates are recorded), unique
+samples are assigned to shards in sample-id order, and one Ray task per unfinished shard decodes, draws
+the crop plan, cuts the region, writes the tar and its parts, then its marker with their digests; the
+parts are finally concatenated into the manifest, rejects and plan. Same inputs and config → byte-identical
+shards. A damaged cell is rebuilt only into its recorded bytes, and changed sources are refused (shard
+them into a new --root). Paths, markers and checks: docs/run-root.md.
 """
 
 from __future__ import annotations
@@ -45,21 +23,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipeline.config import DadConfig, fingerprint
+from pipeline.config import DadConfig
 from pipeline.corpus import (
     ShardCorruptError,
+    cell_objects,
     check_object,
+    damaged_cells,
     digest_of,
     file_digest,
     mismatch,
-    object_sizes,
     shard_rel,
+    verify_corpus,
 )
-from pipeline.crops import PLAN_VERSION, plan_crops
+from pipeline.crops import plan_crops
 from pipeline.images import Rejected, decode_rgb, encode, resize
 from pipeline.layout import (
-    CORPUS_PARTS,
-    CORPUS_SHARDS,
     CROP_PLAN,
     LISTING,
     MANIFEST,
@@ -70,7 +48,8 @@ from pipeline.layout import (
     rel_path,
     shard_name,
 )
-from pipeline.ledger import Ledger, check_recorded, stage_lock
+from pipeline.ledger import Ledger, stage_lock
+from pipeline.lineage import Lineage, check_recorded
 from pipeline.redact import public
 from pipeline.runtime import executor_for
 from pipeline.sources import Fetch, Unit, expand_sources, private_uris, read_unit, transport_options
@@ -93,10 +72,6 @@ SIGNATURE = SOURCES
 
 class SourcesChangedError(ValueError):
     """The sources differ from those the corpus was listed from; the message says how."""
-
-
-def shard_fingerprint(cfg: DadConfig) -> str:
-    return fingerprint({"cfg": cfg.section_fingerprint("run.seed", "corpus", "crops"), "plan": PLAN_VERSION})
 
 
 @dataclass
@@ -347,7 +322,8 @@ def finalize(root: Root, listing: pa.Table, jobs: list[ShardJob], recorded: dict
     return manifest, rejects, objects
 
 
-def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, verify: bool = False) -> dict:
+def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, verify: bool = False,
+        lineage: Lineage | None = None) -> dict:
     """Shard the corpus (idempotent: finished shards are never redone).
 
     Done cells are checked against their markers (sizes; sha256 with `verify=True`) and a damaged one is
@@ -358,7 +334,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, ve
     ledger = Ledger(root)
     with stage_lock(root, STAGE, break_lock=break_lock, command="dad shard"):
         check_recorded(root, cfg, STAGE)
-        fp = shard_fingerprint(cfg)
+        fp = (lineage or Lineage(cfg)).shard
         if ledger.is_done(STAGE, "_", "listing", fp):
             changes = listing_changes(root, cfg)
             if changes and any(changes.values()):
@@ -398,67 +374,8 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, ve
 
 # -- integrity: what later stages check before they read the corpus --------------------------------
 
-def cell_objects(ledger: Ledger, fp: str, shards: list[int]) -> dict[int, dict | None]:
-    """shard → the objects its marker vouches for ({path: {"bytes", "sha256"}}); None: a marker written
-    before digests were recorded (or unreadable), so nothing can be checked."""
-    out: dict[int, dict | None] = {}
-    for s in shards:
-        try:
-            out[s] = ledger.info(STAGE, "_", shard_name(s), fp).get("objects")
-        except (FileNotFoundError, ValueError):
-            out[s] = None
-    return out
-
-
-def damaged_cells(root: Root, recorded: dict[int, dict | None], deep: bool, tars_only: bool = False
-                  ) -> dict[int, str]:
-    """shard → why, for cells whose stored objects differ from their marker (size; sha256 if deep)."""
-    sizes = None if deep else {**object_sizes(root, *CORPUS_SHARDS), **object_sizes(root, *CORPUS_PARTS)}
-    bad = {}
-    for s, objs in recorded.items():
-        for rel, want in (objs or {}).items():
-            if tars_only and rel != shard_rel(s):
-                continue
-            why = check_object(root, rel, want, deep, sizes)
-            if why:
-                bad[s] = why
-                break
-    return bad
-
-
-def verify_corpus(root: Root, cfg: DadConfig, shards: list[int] | None = None, deep: bool = False) -> list[str]:
-    """What differs from the shard markers among the files later stages read: the manifest, rejects and
-    crop plan (always by sha256: small) and the tars of `shards` (default: all; by size, or sha256 if deep,
-    streamed once). One line per damaged object, each naming `dad shard --verify`."""
-    ledger, fp = Ledger(root), shard_fingerprint(cfg)
-    try:
-        final = ledger.info(STAGE, "_", "final", fp).get("objects") or {}
-    except (FileNotFoundError, ValueError):
-        final = {}
-    bad = [why for rel, want in sorted(final.items()) if (why := check_object(root, rel, want, deep=True))]
-    if shards is None:
-        shards = sorted(int(c) for c in ledger.done(STAGE, "_", fp) if c.isdigit())
-    return bad + [why for _, why in sorted(damaged_cells(root, cell_objects(ledger, fp, shards), deep,
-                                                         tars_only=True).items())]
-
-
-def require_intact_corpus(root: Root, cfg: DadConfig, shards: list[int] | None = None, deep: bool = False) -> None:
-    """Raise ShardCorruptError (one line, the first damaged object and how many more) if `verify_corpus`
-    finds anything: no stage reads a corpus that differs from what `dad shard` wrote."""
-    bad = verify_corpus(root, cfg, shards, deep)
-    if bad:
-        more = f" (and {len(bad) - 1} more object(s))" if len(bad) > 1 else ""
-        raise ShardCorruptError(f"the corpus in {root.url} is damaged: {bad[0]}{more}")
-
-
-def tar_record(root: Root, cfg: DadConfig, shard: int) -> dict | None:
-    """The recorded digest of one shard's tar (None: none recorded), for `iter_shard(expect=...)`."""
-    objs = cell_objects(Ledger(root), shard_fingerprint(cfg), [shard])[shard]
-    return (objs or {}).get(shard_rel(shard))
-
-
-def status(cfg: DadConfig, root: Root) -> list[dict]:
-    ledger, fp = Ledger(root), shard_fingerprint(cfg)
+def status(cfg: DadConfig, root: Root, lineage: Lineage | None = None) -> list[dict]:
+    ledger, fp = Ledger(root), (lineage or Lineage(cfg)).shard
     markers = ledger.markers(STAGE, "_")
     cells = {c: fps for c, fps in markers.items() if c not in ("listing", "final")}
     done = sum(fp in fps for fps in cells.values())
@@ -468,7 +385,7 @@ def status(cfg: DadConfig, root: Root) -> list[dict]:
         total = len(assign(root.read_table(*LISTING), cfg.corpus.shard_size))
     note = "complete" if ledger.is_done(STAGE, "_", "final", fp) else ("not started" if not markers else "incomplete")
     notes = [note]
-    if note == "complete" and (damaged := verify_corpus(root, cfg)):
+    if note == "complete" and (damaged := verify_corpus(root, fp)):
         notes.append(f"{len(damaged)} object(s) differ from their markers ({damaged[0].split(':', 1)[0]}…): "
                      f"run `dad shard --verify`")
     if ledger.is_done(STAGE, "_", "listing", fp) and (changes := listing_changes(root, cfg)) and any(changes.values()):

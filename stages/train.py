@@ -1,22 +1,11 @@
 """Train stage: distil the student from cached cross-context targets on Ray Train (DDP).
 
-`dad train` checks everything that can be checked before any worker starts (targets cached for
-every teacher, a selection that keeps samples, a compatible checkpoint), then runs `worker_loop`
-on N Ray Train workers (`TorchTrainer`; gloo on CPU, nccl on GPU) — or in this process for
-memory:// roots / `run.executor = "inline"`.
-
-Each rank streams its own shards (student/data.py); rank 0 writes, every `checkpoint_every` steps,
-an atomic checkpoint `train/<name>/ckpt-<step>.pt` holding the model, optimizer, scheduler, RNG
-states and the step (which is the data position: every draw is seeded by (seed, epoch, row)).
-A rerun resumes from the latest readable checkpoint (an unreadable one is skipped, with a warning);
-a non-finite loss, gradient or weight stops training at that step (`TrainingDiverged`), keeping the
-last finite checkpoint and writing neither model.pt nor the final marker. `--init-from` starts
-from a student checkpoint or a Depth Anything model directory. `metrics.jsonl` and TensorBoard events record the loss terms,
-learning rates and the predictions' median and spread (students drift in scale, PAPER §2.5).
-With `train.val_dataset`, rank 0 also scores the student every `val_every` steps on a held-out set
-(the eval stage's own protocol, `student.evaluation.evaluate`) into `val.jsonl` and TensorBoard `val/*`:
-a drift or collapse shows during the run, not after it. Validation leaves the weights, the RNG
-streams and therefore a resumed run exactly as they would be without it.
+`dad train` checks all it can before any worker starts (targets, selection, a compatible checkpoint),
+then runs `worker_loop` on N `TorchTrainer` workers (gloo on CPU, nccl on GPU), or in this process for
+memory:// roots and `run.executor = "inline"`. Rank 0 writes atomic checkpoints whose step is the data
+position, so a rerun resumes exactly; a non-finite loss, gradient or weight stops training
+(`TrainingDiverged`) without writing model.pt. Validation (`train.val_dataset`) leaves the weights as they
+would be without it. The step: docs/method.md; the outputs: docs/run-root.md.
 """
 
 from __future__ import annotations
@@ -33,19 +22,22 @@ import time
 import numpy as np
 import torch
 
+from pipeline.cache import CacheCorruptError, require_intact_metadata, verify_cells
 from pipeline.config import DadConfig, fingerprint, with_absolute_paths
-from pipeline.corpus import shard_ids
+from pipeline.corpus import require_intact_corpus, shard_ids
 from pipeline.errors import cause_line
 from pipeline.layout import INIT, METRICS_LOG, MODEL, SELECTION, SUMMARY, TENSORBOARD, shard_name, train_run
-from pipeline.ledger import Ledger, check_recorded, read_leases, stage_lock
+from pipeline.ledger import Ledger, read_leases, stage_lock
+from pipeline.lineage import SCORE, TEACH, Lineage, check_recorded
+from pipeline.models import graph_source
 from pipeline.runtime import init_ray, require_resources, use_inline, worker_request
 from pipeline.storage import Root
-from stages.score import metrics_fingerprint, selection_fingerprint, teacher_fps
-from student.checkpoint import checkpoint_name, checkpoint_steps
+from stages.teachers import lineage_for
+from student.checkpoint import checkpoint_name, checkpoint_steps, load_checkpoint, save_checkpoint
+from student.loop import Cadence, Hooks, fit, restore
 from student.data import EpochPlan, StreamSpec, TargetStream
 from student.losses import LossConfig
 from student.trainer import (
-    NonFiniteStep,
     freeze_unused,
     frozen_encoder,
     make_optimizer,
@@ -57,52 +49,21 @@ log = logging.getLogger("dad.train")
 STAGE = "train"
 LOGS = ("metrics.jsonl", "val.jsonl")
 KEEP_CHECKPOINTS = 2  # ckpt-*.pt files kept (the newest); model.pt (the final weights) is always kept
-RESUME_FREE = {"steps", "checkpoint_every", "log_every", "workers", "cpus_per_worker", "gpus_per_worker",
-               "resources_per_worker", "prefetch", "name", "val_dataset", "val_every", "val_samples"}
-
-
-def train_seed(cfg: DadConfig) -> int:
-    """The training seed: `train.seed`, else `run.seed` (which also seeds the corpus's crop plan)."""
-    return cfg.run.seed if cfg.train.seed is None else cfg.train.seed
-
-
-def train_fingerprint(cfg: DadConfig) -> str:
-    """What the weights depend on (not the step budget or the number of workers' resources)."""
-    tfps = teacher_fps(cfg)
-    sel = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
-    # train.seed unset leaves the fingerprint exactly as before the key existed (existing runs resume)
-    skip = RESUME_FREE | ({"seed"} if cfg.train.seed is None else set())
-    # a ViT student's fingerprint is what it was before graph students existed (existing runs resume)
-    student = cfg.student.model_dump(exclude={"arch", "init_from"} if cfg.student.arch == "vit" else None)
-    if cfg.student.arch == "tflite":
-        student["init_from"] = graph_source(cfg)[0]  # the weights' identity, not where they were read
-    return fingerprint({"train": cfg.train.model_dump(exclude=skip), "student": student,
-                        "selection": sel, "seed": train_seed(cfg), "workers": cfg.train.workers})
-
-
 # -- checks before any worker starts ------------------------------------------------------------
 
-def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], dict[int, list[int]]]:
-    """The current selection as row → probabilities and shard → rows; clear errors when it cannot be used."""
+def load_selection(root: Root, cfg: DadConfig, lineage: Lineage) -> tuple[dict[int, np.ndarray], dict[int, list[int]]]:
+    """`read_selection`, after checking that the corpus, every teacher's targets and the selection are current
+    (clear errors, with the command to run, before any worker starts)."""
     if not cfg.teachers:
         raise ValueError("no teachers configured: add a [teachers.<name>] section, then `dad teach` and `dad score`")
-    ledger = Ledger(root)
-    tfps = teacher_fps(cfg)
-    from stages.shard import require_intact_corpus
+    require_intact_corpus(root, lineage.shard, shards=[])  # the manifest as `dad shard` wrote it
+    lineage.require(root, TEACH)
+    lineage.require(root, SCORE)
+    return read_selection(root, cfg)
 
-    require_intact_corpus(root, cfg, shards=[])  # the manifest as `dad shard` wrote it
-    try:
-        shards = {shard_name(s) for s in shard_ids(root)}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no corpus at {root.url}: run `dad shard` first") from None
-    for n, tfp in tfps.items():
-        missing = shards - ledger.done("teach", n, tfp)
-        if missing:
-            what = "no cached targets" if missing == shards else f"no current cached targets for {len(missing)} shard(s)"
-            raise FileNotFoundError(f"{what} for teacher {n!r}: run `dad teach --teacher {n}`")
-    sfp = selection_fingerprint(cfg, metrics_fingerprint(cfg, tfps))
-    if not ledger.is_done("score", "_", "selection", sfp):
-        raise FileNotFoundError("no current teacher selection (teachers or score settings changed): run `dad score`")
+
+def read_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], dict[int, list[int]]]:
+    """The selection as row → probabilities and shard → rows."""
     table = root.read_table(*SELECTION).to_pylist()
     if not table:
         raise ValueError("the selection keeps no samples (score.policy / filter_threshold / exclude_licenses "
@@ -114,18 +75,14 @@ def load_selection(root: Root, cfg: DadConfig) -> tuple[dict[int, np.ndarray], d
     return selection, shard_rows
 
 
-def verify_targets(root: Root, cfg: DadConfig, shards: list[int]) -> None:
+def verify_targets(root: Root, cfg: DadConfig, shards: list[int], lineage: Lineage) -> None:
     """sha256 every cached shard training will read against its teach marker, and every corpus shard
     against its shard marker (streamed, once per run); check the caches' metadata: corrupt targets or
     pixels are never trained on (the error names the cells and the command that repairs them)."""
-    from pipeline.cache import CacheCorruptError
-    from stages.shard import require_intact_corpus
-    from stages.teach import require_intact_metadata, verify_cells
-
     t0 = time.time()
-    require_intact_corpus(root, cfg, shards, deep=True)
-    require_intact_metadata(root, cfg, list(cfg.teachers), shard_ids(root))
-    for n, tfp in teacher_fps(cfg).items():
+    require_intact_corpus(root, lineage.shard, shards, deep=True)
+    require_intact_metadata(root, cfg, lineage.output_spaces(), shard_ids(root))
+    for n, tfp in lineage.teachers.items():
         bad = verify_cells(root, n, tfp, shards, deep=True)
         if bad:
             listed = "; ".join(f"shard {shard_name(s)}: {why}" for s, why in sorted(bad.items())[:3])
@@ -135,21 +92,10 @@ def verify_targets(root: Root, cfg: DadConfig, shards: list[int]) -> None:
              len(cfg.teachers), time.time() - t0)
 
 
-def graph_source(cfg: DadConfig) -> tuple[str, str, dict]:
-    """A tflite student's starting model: (sha256, local path, GraphStudent options). `teacher:<name>` takes
-    that teacher's file (URL + sha256 + mirror), output and input normalization."""
-    from pipeline.models import digest, resolve
-
-    ref, name = cfg.student.init_from, cfg.student.init_teacher
-    if name is not None:
-        tcfg = cfg.teachers[name]
-        path = resolve(tcfg.model, tcfg.sha256, what=f"student.init_from ({ref})")
-        space = "depth" if tcfg.output_space in ("depth", "metric_depth", "affine_depth") else "disparity"
-        options = {"output_index": tcfg.output_index, "output_space": space, "mean": tcfg.input_mean,
-                   "std": tcfg.input_std}
-    else:
-        path, options = resolve(ref, what="student.init_from"), {}
-    return digest(path), path, options
+def teacher_records(lineage: Lineage) -> dict[str, dict]:
+    """What the summary and model card say of each teacher (its identity from the lineage, hashed once)."""
+    return {n: {"license": tcfg.license, "model": lineage.spec(n).model, "weights": lineage.spec(n).weights_id,
+                "fingerprint": lineage.spec(n).fingerprint} for n, tcfg in lineage.cfg.teachers.items()}
 
 
 def build_model(cfg: DadConfig):
@@ -293,7 +239,7 @@ def worker_loop(config: dict) -> None:
     torch.set_num_threads(config.get("threads", 1))
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(train_seed(cfg))
+    torch.manual_seed(cfg.train_seed)
     device = torch.device("cpu")
     if t.gpus_per_worker > 0 and torch.cuda.is_available():
         # Ray Train shows every worker all the GPUs its node gives the group; each takes its own
@@ -301,7 +247,6 @@ def worker_loop(config: dict) -> None:
         device = ray.train.torch.get_device() if config.get("ray") else torch.device("cuda")
         torch.cuda.set_device(device)
     root = Root(cfg.run.root)
-    from student.checkpoint import load_checkpoint, nonfinite_tensors, save_checkpoint
 
     model = build_model(cfg)
     unused = freeze_unused(model)  # DDP needs every trainable parameter to get a gradient
@@ -312,71 +257,42 @@ def worker_loop(config: dict) -> None:
     start = 0
     resume = config["resume"]  # chosen by `run`: the newest readable checkpoint
     if resume:
-        model_r, extra = load_checkpoint(resume[1])
-        if model_r.config.to_dict() != model.config.to_dict():
+        weights, state = load_checkpoint(resume[1])
+        if weights.config.to_dict() != model.config.to_dict():
             raise ValueError(f"checkpoint {resume[1]} is from an incompatible model: it is not the model this "
                              f"config builds; use --name NEW to start a new run")
-        model.load_state_dict(model_r.state_dict())
-        opt.load_state_dict(extra["optimizer"])
-        sched.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        start = int(extra["step"])
+        start = restore(model, opt, sched, weights, state)
     if rank == 0 and start == 0 and cfg.student.arch == "tflite":
         # the imported teacher as a student checkpoint: `dad run` evaluates it as the student's step 0
         save_checkpoint(model, root.uri(*train_run(t.name, INIT)))
-    logs = {f: _truncated_log(root, t.name, f, start) for f in LOGS} if rank == 0 else {}
-    history, val_history = logs.get("metrics.jsonl", []), logs.get("val.jsonl", [])
-    validate = _validator(cfg, device) if rank == 0 and t.val_dataset else None
     frozen = frozen_encoder(model).to(device) if t.feature_loss else None
     model.to(device)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
-    spec = StreamSpec(root, tuple(cfg.teachers), cfg.crops.global_size, t.batch_size, train_seed(cfg), t.flip,
+    spec = StreamSpec(root, tuple(cfg.teachers), cfg.crops.global_size, t.batch_size, cfg.train_seed, t.flip,
                       t.jitter, cfg.score.policy == "mix")
-    selection, shard_rows = load_selection(root, cfg)
+    selection, shard_rows = read_selection(root, cfg)  # checked by `run` before any worker started
     stream = TargetStream(spec, selection, shard_rows)
-    plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), world, t.batch_size)
-    step_cfg = LossConfig.of(t)
-    writer = _tensorboard(root, t.name) if rank == 0 else None
-    step, t0, seen = start, time.time(), 0
-    usage = np.zeros(len(cfg.teachers), dtype=np.int64)  # teacher draws since the last log line
-    shards_read: dict[int, list[int]] = {}
-    while step < t.steps:
-        epoch, skip = plan.locate(step)
-        n = min(plan.steps(epoch), skip + t.steps - step)
-        shards_read[epoch] = stream.shards(epoch, rank, world)
-        for batch in stream.batches(epoch, rank, world, n, skip, workers=t.prefetch):
-            try:
-                stats = train_step(model, batch, opt, sched, step_cfg, t.grad_clip, frozen, device, t.amp)
-            except NonFiniteStep as err:
-                raise _diverged(root, t.name, step + 1, str(err)) from None
-            step += 1
-            seen += batch["image"].shape[0]
-            usage += np.bincount(batch["teacher"].numpy(), minlength=len(cfg.teachers))
-            if rank != 0:
-                continue
-            if step % t.log_every == 0 or step == t.steps:
-                record = {"step": step, "epoch": epoch, "samples_per_s": seen * world / (time.time() - t0), **stats,
-                          "teachers": usage.tolist()}
-                usage[:] = 0
-                history.append(record)
-                _log(root, t.name, "metrics.jsonl", history, writer, record)
-            if validate and (step % (t.val_every or t.checkpoint_every) == 0 or step == t.steps):
-                record = {"step": step, **validate(model.module if hasattr(model, "module") else model)}
-                val_history.append(record)
-                _log(root, t.name, "val.jsonl", val_history, writer, record)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                core = model.module if hasattr(model, "module") else model
-                if bad := nonfinite_tensors(core.state_dict()):
-                    raise _diverged(root, t.name, step, f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
-                extra = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                         "torch_rng": torch.get_rng_state(), "fingerprint": config["fingerprint"]}
-                save_checkpoint(core, root.uri(*train_run(t.name, checkpoint_name(step))), extra=extra)
-                _prune_checkpoints(root, t.name)
-                if step == t.steps:
-                    save_checkpoint(core, root.uri(*train_run(t.name, MODEL)))
-    if writer:
-        writer.close()
+    plan = EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.train_seed, world, t.batch_size)
+    loss_cfg = LossConfig.of(t)
+    hooks, close = (Hooks(), None) if rank else _lead_hooks(cfg, root, start, device, config["fingerprint"])
+
+    def one_step(batch: dict) -> dict:
+        return train_step(model, batch, opt, sched, loss_cfg, t.grad_clip, frozen, device, t.amp)
+
+    def batches(epoch: int, end: int, skip: int):
+        return stream.batches(epoch, rank, world, end, skip, workers=t.prefetch)
+
+    t0 = time.time()
+    try:
+        progress = fit(model, one_step, plan, batches, Cadence(t.steps, t.log_every, t.checkpoint_every, t.val_every),
+                       hooks, opt=opt, sched=sched, start=start, n_teachers=len(cfg.teachers), lead=rank == 0,
+                       world=world)
+    finally:
+        if close:
+            close()
+    step, seen = progress.steps, progress.samples
+    shards_read = {e: stream.shards(e, rank, world) for e in progress.epochs}
     mine = {"rank": rank, "steps": step - start, "samples": seen, "shards": {str(e): s for e, s in shards_read.items()}}
     ranks = [mine]
     if world > 1:
@@ -387,21 +303,44 @@ def worker_loop(config: dict) -> None:
     if rank == 0:
         root.write_json({"steps": step, "steps_per_epoch": plan.steps(0), "world": world, "resumed_from": start,
                          "rank_steps": [r["steps"] for r in ranks], "ranks": ranks,
-                         "seconds": round(time.time() - t0, 2), **label_provenance(cfg, selection)},
+                         "seconds": round(time.time() - t0, 2), **label_provenance(cfg, selection, config["teachers"])},
                         *train_run(t.name, SUMMARY))
 
 
-def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray]) -> dict:
+def _lead_hooks(cfg: DadConfig, root: Root, start: int, device: torch.device, fp: str):
+    """Rank 0's hooks: metrics.jsonl / val.jsonl (cut back to `start`), TensorBoard, checkpoints (the newest
+    two kept, model.pt at the end), and the one-line divergence error; and the function that closes them."""
+    t = cfg.train
+    history, val_history = (_truncated_log(root, t.name, f, start) for f in LOGS)
+    validator = _validator(cfg, device) if t.val_dataset else None
+    writer = _tensorboard(root, t.name)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        _log(root, t.name, "metrics.jsonl", history, writer, record)
+
+    def validate(step: int, model) -> None:
+        record = {"step": step, **validator(model)}
+        val_history.append(record)
+        _log(root, t.name, "val.jsonl", val_history, writer, record)
+
+    def checkpoint(step: int, model, state: dict) -> None:
+        save_checkpoint(model, root.uri(*train_run(t.name, checkpoint_name(step))),
+                        extra={**state, "fingerprint": fp})
+        _prune_checkpoints(root, t.name)
+        if step == t.steps:
+            save_checkpoint(model, root.uri(*train_run(t.name, MODEL)))
+
+    hooks = Hooks(log=log, validate=validate if validator else None, checkpoint=checkpoint,
+                  diverged=lambda step, why: _diverged(root, t.name, step, why))
+    return hooks, (writer.close if writer else None)
+
+
+def label_provenance(cfg: DadConfig, selection: dict[int, np.ndarray], records: dict[str, dict]) -> dict:
     """Whose labels the student learned from, with their licences: a student inherits the terms of the
     labels it was trained on, so the model card, summary.json and the report carry them."""
-    from stages.teachers import spec_for
-
     share = np.mean(np.stack(list(selection.values())), axis=0) if selection else np.zeros(len(cfg.teachers))
-    teachers = {}
-    for (n, tcfg), p in zip(cfg.teachers.items(), share):
-        spec = spec_for(n, tcfg)
-        teachers[n] = {"license": tcfg.license, "model": spec.model, "weights": spec.weights_id,
-                       "fingerprint": spec.fingerprint, "label_share": round(float(p), 4)}
+    teachers = {n: {**records[n], "label_share": round(float(p), 4)} for n, p in zip(cfg.teachers, share)}
     labels = sorted({t["license"] for t in teachers.values() if t["label_share"] > 0})
     start = cfg.student.init_teacher
     weights_from = {"teacher": start, "license": cfg.teachers[start].license} if start else None
@@ -493,19 +432,20 @@ def _log(root: Root, name: str, file: str, history: list[dict], writer, record: 
 
 # -- the stage ----------------------------------------------------------------------------------
 
-def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) -> dict:
+def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, lineage: Lineage | None = None) -> dict:
     t0 = time.time()
     root = Root(cfg.run.root)
     ledger, t = Ledger(root), cfg.train
     check_recorded(root, cfg, STAGE)
+    lineage = lineage or lineage_for(cfg)
     # Fail early, with the command to run, before any worker starts.
-    _, shard_rows = load_selection(root, cfg)
-    EpochPlan({s: len(r) for s, r in shard_rows.items()}, train_seed(cfg), t.workers, t.batch_size).locate(0)
+    _, shard_rows = load_selection(root, cfg, lineage)
+    EpochPlan({s: len(r) for s, r in shard_rows.items()}, cfg.train_seed, t.workers, t.batch_size).locate(0)
     if t.init_from:
         check_compatible(cfg, t.init_from, "--init-from")
     if resume := resume_checkpoint(root, t.name):
         check_compatible(cfg, resume[1], "checkpoint", f"; train under a new name (--name NEW) or delete train/{t.name}")
-    fp = train_fingerprint(cfg)
+    fp = lineage.train
     if ledger.is_done(STAGE, t.name, "final", fp) and (latest_checkpoint(root, t.name) or (0,))[0] >= t.steps:
         return {"stage": STAGE, "name": t.name, "steps": t.steps, "skipped": True, "seconds": 0.0}
     if not use_inline(cfg.run, root.process_local):  # workers no cluster can host would wait forever
@@ -518,9 +458,10 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False) ->
     with stage_lock(root, STAGE, t.name, break_lock=break_lock, command=f"dad train --name {t.name}"), \
             read_leases(root, "teach", list(cfg.teachers), f"dad train --name {t.name}", break_lock):
         # under read leases on the teachers' caches: `dad teach` cannot rewrite what is verified here
-        verify_targets(root, cfg, sorted(shard_rows))
+        verify_targets(root, cfg, sorted(shard_rows), lineage)
         ledger.mark(STAGE, t.name, "run", fp, {"started": time.time()})
-        payload = {"cfg": with_absolute_paths(cfg).model_dump(mode="json"), "fingerprint": fp, "resume": resume}
+        payload = {"cfg": with_absolute_paths(cfg).model_dump(mode="json"), "fingerprint": fp, "resume": resume,
+                   "teachers": teacher_records(lineage)}
         with _progress_from_log(root, t):
             if use_inline(cfg.run, root.process_local):
                 if t.workers > 1:
@@ -592,14 +533,16 @@ def _fit_on_ray(cfg: DadConfig, payload: dict, address: str | None) -> None:
         raise RuntimeError(f"training failed: {cause_line(err)}") from err
 
 
-def status(cfg: DadConfig, root: Root) -> list[dict]:
-    t = cfg.train
+def status(cfg: DadConfig, root: Root, lineage: Lineage | None = None) -> list[dict]:
+    t, lineage = cfg.train, lineage or lineage_for(cfg)
     latest = latest_checkpoint(root, t.name)
     done = latest[0] if latest else 0
     try:
-        fp = train_fingerprint(cfg)
+        fp = lineage.train
     except (FileNotFoundError, ValueError):
         return []
     final = Ledger(root).is_done(STAGE, t.name, "final", fp)
     note = "complete" if final and done >= t.steps else (f"resumable from step {done}" if done else "not started")
+    if not final and (why := lineage.why_stale(root, STAGE, t.name)):
+        note += f"; stale: {why}"
     return [{"stage": STAGE, "scope": t.name, "done": done, "total": t.steps, "stale": 0, "note": note}]

@@ -1,19 +1,10 @@
 """The offline teacher zoo: two small depth models with different strengths, trained on rendered scenes.
 
-Public teachers (Depth Anything, MiDaS, GenPercept) cannot be downloaded on every machine, so the
-embedded default ships its own, trained here with exact ground truth (rendered depth) and the
-scale-and-shift-invariant loss of MiDaS (global median/MAD normalisation, PAPER Eq. 1–2, plus
-multi-scale gradient matching):
-
-* `layout` sees the **whole scene at low resolution** (renders resized to 112²; run at 112² and
-  upsampled): good global layout, blurry edges.
-* `detail` is trained on **112² crops of 224² renders** (twice the pixel density) and runs on the
-  full 224² input: sharp local structure, less globally consistent (it never saw a whole room).
-
-Both use the tiny student architecture, so the student can start from one of them as the paper
-starts from Depth Anything v2. The build is seeded (render seeds 0…n−1, torch seed) and writes
-float16 checkpoints with a model card each (data, command, metrics on held-out renders and on
-realeval, beside constant and vertical-ramp baselines).
+For machines that cannot download public teachers: trained here on renders with exact depth and MiDaS's
+scale-and-shift-invariant loss (global median/MAD normalisation plus gradient matching). `layout` sees the
+whole scene at 112² (good layout, blurry edges); `detail` is trained on 112² crops of 224² renders and runs
+at 224² (sharp, less globally consistent). Both use the tiny student architecture. The build is seeded and
+writes float16 checkpoints, each with a model card (metrics on held-out renders and realeval).
 """
 
 from __future__ import annotations

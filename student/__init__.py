@@ -3,7 +3,7 @@
 - `student.model`: timm DINOv2 encoder + Depth Anything v2 DPT head (`build_student`).
 - `student.convert`: initialise a student from a transformers Depth Anything checkpoint.
 - `student.checkpoint`: the one weights-only checkpoint format (`save_checkpoint`, `load_checkpoint`).
-- `student.losses`: the distillation losses of PAPER §2-§3 (Eq. 1-9); `distillation_loss` is Eq. 9 as training uses it.
+- `student.losses`: the distillation losses (paper Eq. 1-9, docs/method.md); `distillation_loss` is Eq. 9.
 - `student.metrics`: affine-invariant evaluation metrics.
 """
 

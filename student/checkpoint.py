@@ -1,20 +1,10 @@
 """One checkpoint format for students: a plain dict that `torch.load(weights_only=True)` reads.
 
-Why: checkpoints travel between stages, machines and people (train -> evaluate/predict, a student
-reused as a teacher, `dad train --init-from`, small models committed to the repo). A pickle that
-can run code must never be the way weights arrive, so loading uses the weights-only unpickler and
-a crafted file raises instead of executing. The dict is self-describing:
-
-    {"format": "dad.student", "version": 1,
-     "model_config": the model's config as a dict of plain values (enough to rebuild the model):
-                     a StudentConfig, or with "arch": "tflite" a GraphConfig (student/graph.py),
-     "state_dict": parameters and persistent buffers (float16 with half=True),
-     "extra": anything weights-only-loadable the caller adds (optimizer state, step, metrics)}
-
-Paths are fsspec URLs (local, s3://, memory://) or open binary file objects. Local writes go to a
-temporary file in the target directory and are renamed into place, so a crash never leaves a
-truncated checkpoint under the final name (DESIGN.md §3, "marker last"); object stores make an
-object visible only once its upload completes.
+Checkpoints travel between stages, machines and people, so a pickle that can run code must never be how
+weights arrive: loading uses the weights-only unpickler and a crafted file raises instead of executing.
+The dict is self-describing: `format` ("dad.student"), `version`, `model_config` (a StudentConfig, or a
+GraphConfig with "arch": "tflite"), `state_dict` (float16 with half=True) and `extra` (optimizer, step,
+…). Paths are fsspec URLs or binary file objects; local writes go to a temporary file renamed into place.
 """
 
 from __future__ import annotations

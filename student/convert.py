@@ -1,37 +1,10 @@
 """Initialise a student from a transformers Depth Anything (v1/v2) checkpoint, and export one as such.
 
-Why: the paper initialises its students from Depth Anything v2 (PAPER.md §5, §10 item 6), and
-without a pretrained encoder the distillation drifts (PAPER.md §2.5, iss#35). DAv2 and the
-Distill-Any-Depth releases are published in the transformers layout
-(`DepthAnythingForDepthEstimation`: a Dinov2 backbone, a reassemble+fusion neck and a 3-conv head),
-which is exactly the student's architecture (student/model.py), so conversion is a key rename:
-
-- Dinov2 embeddings -> timm `cls_token`, `pos_embed`, `patch_embed.proj` (`mask_token` is unused at
-  inference and dropped); separate query/key/value projections are concatenated into timm's fused
-  `qkv` (rows q, k, v); `layer_scale{1,2}.lambda1` -> `ls{1,2}.gamma`; `layernorm` -> `norm`.
-  Both the legacy (`attention.attention.query`, on disk) and the transformers>=5 in-memory names
-  (`attention.q_proj`) are accepted.
-- Backbone `out_indices` count the embedding output as stage 0, so block index = out_index - 1.
-- neck `reassemble_stage`/`convs`/`fusion_stage` and `head.conv1..3` map one to one onto the DPT head.
-- A relative head's `max_depth` multiplier (1 for every released model) is folded into the last
-  conv: ReLU(m·x) = m·ReLU(x) for m > 0. Metric heads (sigmoid output) and SwiGLU (giant) backbones
-  are refused with a clear error rather than converted approximately.
-
-Position embeddings: the student resamples them like HF Dinov2 (bicubic, no antialias, to the
-exact patch grid), so the converted student reproduces `predicted_depth` at any multiple of 14,
-not only at the checkpoint's native size (tests/test_student_model.py checks both).
-Reading a directory needs only safetensors/torch, not transformers.
-
-Export (`save_depth_anything`) runs the same tables backwards, so a student can be published and used as
-any transformers Depth Anything model (`pipeline("depth-estimation")`, the `hf` teacher adapter): the
-inverse renames are derived from `_RENAMES` (a `(?:disk|memory)` alternative is written as the on-disk
-name), the fused `qkv` is split back into query/key/value, and the result is checked by converting it
-back (exact) and against the tensors transformers builds from the written config, before anything is
-written. A config transformers cannot compute (antialiased position resampling, register tokens, other
-blocks, MLPs or LayerNorm eps, a non-integer mlp_ratio, repeated layers) is refused, naming the field.
-`fit` is not exported: it only applies to inputs that are not multiples of the patch, and the written
-image processor (DAv2's: keep aspect ratio, multiple of the patch, bicubic, ImageNet mean/std) resizes
-every image to one, as eval and predict do. Writing needs transformers (the check) and accepts fsspec URLs.
+The paper initialises its students from Depth Anything v2. DAv2 and the Distill-Any-Depth releases are
+published in the transformers layout, which is exactly the student's architecture, so conversion is a key
+rename (`_RENAMES`; q/k/v fused into timm's `qkv`; a relative head's `max_depth` folded into the last conv)
+and reproduces `predicted_depth` at any multiple of 14. Metric heads and SwiGLU backbones are refused.
+`save_depth_anything` runs the tables backwards and checks the result before anything is written.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Streaming training data: corpus shards + cached cross-context targets, per rank, deterministic.
 
-Every rank computes the same plan from (seed, epoch): the shard order is a seeded permutation and
-rank r takes shards r, r+W, …. Every rank runs the same number of steps in an epoch — the smallest
-rank's full batches *of that epoch* (`EpochPlan`), so DDP never waits on a rank that ran out of data,
-whatever the shard sizes. A sample's teacher is drawn from its row of `scores/selection.parquet`
-with an RNG seeded by (seed, epoch, row), so a resumed run draws exactly what the uninterrupted run
-would have drawn, and a global step maps to one (epoch, batch-in-epoch) position (`EpochPlan.locate`).
-
-Only needed bytes are read and decoded: the shard's tar is streamed once and kept encoded; a sample
-is decoded when it is about to be yielded (never for rows the selection dropped, nor for the samples
-a resumed run skips). For each teacher only the rows drawn for it are wanted from its Zarr cache (the
-arrays are opened once); a Zarr read costs per call more than per byte, so a shard's rows that fill
-a third of their span are read in one slice by the first batch that needs them (`ShardTargets`),
-sparser ones a batch's worth at a time. Reading overlaps compute:
-`batches(…, workers=N)` prepares up to N batches concurrently in threads (PNG decoding, Zarr/Blosc
-and resizing release the GIL) while a separate thread reads the next shard's tar, and yields them in
-order, so the training loop never waits on storage as long as N threads keep up with it.
-
-A batch is a dict of tensors: image (B,3,G,G) in [0,1], target (B,G,G) disparity, valid (B,G,G),
-locals (B,K,L,L), local_valid (B,K,L,L), boxes (B,K,4) fractions of the region, teacher (B,) index,
-row (B,) corpus row.
+Each epoch the shard order is a seeded permutation and rank r takes shards r, r+W, …; every rank runs
+the smallest rank's number of full batches, so DDP never waits. A sample's teacher is drawn from its
+selection row by an RNG seeded with (seed, epoch, row), so a resumed run sees exactly the batches of an
+uninterrupted one. Only needed bytes are read: a tar streams once, only the drawn teachers' rows are read
+from Zarr (dense rows in one slice), and `batches(…, workers=N)` prepares batches in threads, in order.
 """
 
 from __future__ import annotations
@@ -34,7 +19,8 @@ import torch
 
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.corpus import iter_shard
-from pipeline.images import decode_trusted, resize
+from pipeline.crops import global_input
+from pipeline.images import decode_trusted
 from pipeline.storage import Root
 from pipeline.targets import mix_targets
 
@@ -272,7 +258,7 @@ class TargetStream:
     def _sample(self, record: dict, region: np.ndarray, tgt: dict, teacher: int, epoch: int) -> dict:
         s = self.spec
         rng = np.random.default_rng([s.seed, epoch, record["row"], 101])
-        image = resize(region, (s.global_size, s.global_size)).astype(np.float32)
+        image = global_input(region, s.global_size).astype(np.float32)
         image /= 255.0
         g, gv = tgt["global"], tgt["global_valid"] & np.isfinite(tgt["global"])
         loc, lv = tgt["local"], tgt["local_valid"] & np.isfinite(tgt["local"])

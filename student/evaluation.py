@@ -1,24 +1,10 @@
 """The evaluation protocol: the standard zero-shot protocol as pure functions (no files).
 
-Per image, batch size 1 as Marigold's eval script:
-1. The RGB is resized so its short side is `resolution` (sides multiples of 14, aspect kept, bicubic:
-   `student.infer`), the model predicts, and the prediction is resized back to the ground-truth size
-   bilinearly (Marigold `resample_method bilinear`; DAv2's upsampling). Sparse GT is never filled.
-2. Per-image least-squares scale and shift in the `align` space (`student.metrics`): `disparity` =
-   Marigold `least_square_disparity` scored in depth; `depth` = Marigold `least_square` (non-positive
-   disparity becomes a failed pixel); `inverse_depth` = fit and score in 1/depth (Depth Anything).
-   Stereo-disparity GT is always fitted and scored in disparity.
-3. Clip to the dataset's depth range, score AbsRel, δ1–3, RMSE … on the valid pixels.
-4. Average per image, then over images; where a dataset has families (realeval's groups, a folder's
-   sub-folders) the headline is the mean over families of the per-family means (`sample_mean` kept).
-
-Failures are scored, never skipped (a NaN/inf pixel counts as the worst admissible value, a flat
-prediction gets the flat fit). A sample with fewer than `min_valid_pixels` valid GT pixels, or one the
-loader found no GT for, has no score: its row says why. Every dataset is also scored with the
-`constant` and `vertical_ramp` baselines through the same code, with per-image win counts.
-
-`evaluate(predict_fn, dataset, …)` is the core the eval stage, training validation, the report, the
-zoo and the benches call with any `(B,3,h,w) in [0,1] → (B,h,w) disparity` function.
+Per image (batch size 1, as Marigold's eval script): resize so the short side is `resolution` (sides
+multiples of 14), predict, resize bilinearly to the GT size, fit scale and shift by least squares in the
+`align` space, clip to the dataset's range, score; average per image, then per family. Failures are
+scored, never skipped; samples with too few valid GT pixels have no score and say why. Every dataset is
+also scored with the `constant` and `vertical_ramp` baselines. Spec: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -34,7 +20,7 @@ import torch
 from pipeline.config import EvalCfg
 from pipeline.datasets import EvalDataset, EvalSample, open_dataset
 from student.infer import predict_disparity
-from student.metrics import METRIC_KEYS, align, align_disparity, baseline_predictions, evaluate_prediction
+from student.metrics import METRIC_KEYS, Aligned, align_and_score, baseline_predictions
 
 SUMMARY_KEYS = ("abs_rel", "delta1", "delta2", "delta3", "rmse")
 BASELINES = ("constant", "vertical_ramp")
@@ -76,7 +62,15 @@ def _fit_input(pred_disp: np.ndarray, sample: EvalSample, space: str) -> np.ndar
 def score_sample(pred_disp: np.ndarray, sample: EvalSample, space: str = "disparity",
                  min_depth: float | None = None, max_depth: float | None = None,
                  fit_max_res: int | None = None) -> dict:
-    """Score one disparity prediction already at GT size: METRIC_KEYS, scale, shift, n_valid, space, failure.
+    """`score_and_align` without the maps."""
+    return score_and_align(pred_disp, sample, space, min_depth, max_depth, fit_max_res)[0]
+
+
+def score_and_align(pred_disp: np.ndarray, sample: EvalSample, space: str = "disparity",
+                    min_depth: float | None = None, max_depth: float | None = None,
+                    fit_max_res: int | None = None) -> tuple[dict, Aligned]:
+    """Score one disparity prediction already at GT size: METRIC_KEYS, scale, shift, n_valid, space, failure;
+    and the aligned maps the pictures show.
 
     `failure` is "" (ok), "nonfinite" (no finite prediction on the valid pixels), "partial_nonfinite"
     (some), or "constant" (flat: the least-squares scale is 0). Failures are scored, not skipped.
@@ -85,8 +79,8 @@ def score_sample(pred_disp: np.ndarray, sample: EvalSample, space: str = "dispar
     if pred_disp.shape != sample.gt.shape:
         raise ValueError(f"{sample.id}: prediction {pred_disp.shape} is not at the GT size {sample.gt.shape}")
     fit_in = _fit_input(pred_disp, sample, space)
-    res = evaluate_prediction(fit_in, sample.gt, sample.gt_type, sample.valid, space=space, min_depth=min_depth,
-                              max_depth=max_depth, fit_max_res=fit_max_res)
+    res, maps = align_and_score(fit_in, sample.gt, sample.gt_type, sample.valid, space=space, min_depth=min_depth,
+                                max_depth=max_depth, fit_max_res=fit_max_res)
     used = sample.valid & (sample.gt > 0) & np.isfinite(sample.gt)
     finite = np.isfinite(fit_in[used])
     if used.any() and not finite.any():
@@ -97,47 +91,32 @@ def score_sample(pred_disp: np.ndarray, sample: EvalSample, space: str = "dispar
         failure = "constant"
     else:
         failure = ""
-    return {**res, "failure": failure}
+    return {**res, "failure": failure}, maps
 
 
-def _aligned_maps(pred_disp: np.ndarray, sample: EvalSample, space: str, min_depth: float | None,
-                  max_depth: float | None, fit_max_res: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shown(maps: Aligned) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For pictures: (GT, aligned prediction) as disparity-like maps (larger = nearer; NaN where unknown)
-    and the per-pixel relative error |a − t| / t in the space the sample is scored in."""
-    valid = sample.valid & (sample.gt > 0) & np.isfinite(sample.gt)
-    fit_in = _fit_input(pred_disp, sample, space)
-    if sample.gt_type == "disparity" or space == "inverse_depth":
-        target = gt_disparity(sample).astype(np.float64)
-        aligned = align_disparity(fit_in, target, valid, fit_max_res=fit_max_res).numpy()
-        lo, hi = 1e-3, math.inf
-        if sample.gt_type == "depth":
-            lo = max(1e-3, 1.0 / max_depth if max_depth else 0.0)
-            hi = 1.0 / min_depth if min_depth else math.inf
-        shown_pred, shown_gt = aligned, np.where(valid, target, np.nan)
-    else:
-        target = sample.gt.astype(np.float64)
-        aligned = align(fit_in, target, valid, space=space, fit_max_res=fit_max_res).numpy()
-        lo, hi = max(1e-6, min_depth or 0.0), (max_depth if max_depth is not None else math.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            shown_pred = 1.0 / np.clip(aligned, lo, hi)
-        shown_gt = np.where(valid, 1.0 / np.where(valid, target, 1.0), np.nan)
-    scored = np.clip(aligned, lo, hi)
+    and the per-pixel relative error |a − t| / t in the space the sample was scored in."""
+    valid, target = maps.valid, maps.target
     with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.where(valid, np.abs(scored - target) / np.where(valid, target, 1.0), np.nan)
+        if maps.space == "depth":
+            shown_pred = 1.0 / maps.clipped()
+            shown_gt = np.where(valid, 1.0 / np.where(valid, target, 1.0), np.nan)
+        else:
+            shown_pred, shown_gt = maps.pred, np.where(valid, target, np.nan)
+        err = np.where(valid, np.abs(maps.clipped() - target) / np.where(valid, target, 1.0), np.nan)
     err = np.where(valid & ~np.isfinite(err), np.inf, err)  # failed pixel: shown at the top of the scale
     return shown_gt, shown_pred, err
 
 
-def render_picture(sample: EvalSample, pred_disp: np.ndarray, result: dict, space: str, dataset_label: str,
-                   min_depth: float | None = None, max_depth: float | None = None,
-                   fit_max_res: int | None = None) -> bytes:
+def render_picture(sample: EvalSample, maps: Aligned, result: dict, space: str, dataset_label: str) -> bytes:
     """PNG: RGB | ground truth | aligned prediction | relative error. GT and prediction share one colour
     scale (GT's 2–98 % range, disparity-like: warm = near); black = no ground truth / failed pixel."""
     import matplotlib.pyplot as plt
 
     from pipeline.plots import colorize
 
-    gt_show, pred_show, err = _aligned_maps(pred_disp, sample, space, min_depth, max_depth, fit_max_res)
+    gt_show, pred_show, err = _shown(maps)
     vals = gt_show[np.isfinite(gt_show)]
     lo, hi = (np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0))
     panels = [sample.rgb, colorize(gt_show, lo, hi), colorize(pred_show, lo, hi),
@@ -164,8 +143,8 @@ def comparison_picture(sample: EvalSample, preds: dict[str, np.ndarray], space: 
 
     shown, err, titles = [], None, []
     for name, disp in preds.items():
-        gt_show, pred_show, err = _aligned_maps(disp, sample, space, min_depth, max_depth, fit_max_res)
-        res = score_sample(disp, sample, space, min_depth, max_depth, fit_max_res)
+        res, maps = score_and_align(disp, sample, space, min_depth, max_depth, fit_max_res)
+        gt_show, pred_show, err = _shown(maps)
         shown.append(pred_show)
         titles.append(f"{name}  AbsRel {res['abs_rel']:.3f}")
     vals = gt_show[np.isfinite(gt_show)]
@@ -190,7 +169,7 @@ def aggregate(rows: list[dict], prefix: str = "") -> dict:
     """Per-image rows (with a valid score) → {n, SUMMARY_KEYS, sample_mean, families, mean_over}.
 
     Headline = mean over families of per-family means when there is more than one family, else the
-    plain mean over images (REFERENCE.md §5.1 step 5; realeval README)."""
+    plain mean over images (docs/evaluation.md)."""
     keys = [prefix + k for k in SUMMARY_KEYS]
     sample_mean = {k: _mean(rows, pk) for k, pk in zip(SUMMARY_KEYS, keys)}
     fams: dict[str, list[dict]] = {}
@@ -279,7 +258,7 @@ def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "di
                 on_sample(rows[-1])
             continue
         pred = predict_disparity(predict_fn, sample.rgb, resolution, device=device)
-        res = score_sample(pred, sample, align, *rng, fit_max_res)
+        res, maps = score_and_align(pred, sample, align, *rng, fit_max_res)
         row = {"dataset": label, "id": sample.id, "family": sample.family, "gt_type": sample.gt_type,
                "height": int(sample.gt.shape[0]), "width": int(sample.gt.shape[1]), "n_valid": res["n_valid"],
                "space": res["space"], "failure": res["failure"], "skipped": "",
@@ -290,7 +269,7 @@ def evaluate(predict_fn: PredictFn, dataset: EvalDataset | str, align: str = "di
             row[f"vs_{b}"] = _versus(row[WIN_METRIC], row[f"{b}_{WIN_METRIC}"])
         rows.append(row)
         if i in want_pics:
-            png = render_picture(sample, pred, res, align, label, *rng, fit_max_res)
+            png = render_picture(sample, maps, res, align, label)
             on_picture(f"{safe_name(label)}_{safe_name(sample.id)}", png)
         if on_sample is not None:
             on_sample(row)

@@ -1,30 +1,10 @@
 """A student with the structure of a float TFLite graph, its weights imported from the `.tflite` file.
 
-Why: the distillation experiment needs a mobile student initialised from its teacher (PyDNet v2, a
-fixed-size TFLite flatbuffer). `read_tflite` turns the flatbuffer into plain data (the op list, with
-the options that matter, in torch's NCHW terms) plus numpy weights in torch layout; `GraphStudent`
-runs that op list with real `nn.Parameter`s, so it trains like any module and its config (the plain
-graph dict) rebuilds it from a weights-only checkpoint. No TensorFlow is needed: the `tflite`
-flatbuffer package reads the file, and only `read_tflite` imports it.
-
-Fidelity to TFLite, op by op:
-
-- SAME padding is TensorFlow's: total = max((ceil(in/s) - 1)*s + (k - 1)*d + 1 - in, 0), the extra
-  pixel at the bottom/right (stride-2 layers are asymmetric), computed per call from the actual size;
-- RESIZE_BILINEAR / RESIZE_NEAREST_NEIGHBOR compute TFLite's source coordinates for all three flag
-  combinations (align_corners; half_pixel_centers; neither = TF1's "asymmetric" src = dst*in/out,
-  which PyDNet uses and F.interpolate does not have) and gather/lerp along H then W;
-- a resize stores its scale (output/input at the graph's static shapes), a TRANSPOSE_CONV its output
-  as input*stride + a fixed offset, so the graph runs at any size whose sides are multiples of
-  `multiple` (the deepest level's downsampling, e.g. 64) — other sizes are resized to one;
-- fp16 weights behind DEQUANTIZE are widened to fp32 at import; MAXIMUM(x, MUL(x, a)) with 0 <= a <= 1
-  (leaky ReLU as older converters write it) becomes one LEAKY_RELU, the same values in less memory.
-
-Hybrid graphs (int8 weights, float activations; PyDNet++ is one) import their weights dequantized:
-the student is the float model they approximate, while LiteRT also quantizes each such conv's input
-at run time, so the two differ by that noise (a few per cent end to end for PyDNet++). Graphs with
-quantized (int8/uint8/int16) activations are refused: a float student of them would not be the model
-that was evaluated. Any op not handled fails with its TFLite name.
+The distillation experiment needs a mobile student initialised from its teacher (PyDNet v2, a fixed-size
+TFLite file). `read_tflite` turns the flatbuffer into plain data (ops in NCHW terms, numpy weights) and
+`GraphStudent` runs it with real `nn.Parameter`s, rebuilt from a weights-only checkpoint; no TensorFlow is
+needed. Ops follow TFLite exactly (TF's SAME padding, TF1 "asymmetric" resizes). Hybrid int8-weight graphs
+import dequantized; graphs with quantized activations, and unknown ops, are refused, naming them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Inference at a chosen resolution: resize (aspect kept, sides multiples of 14), predict, resize back.
 
-Used by evaluation, prediction and validation so every path predicts the same way (REFERENCE §5.4:
-predict at the processing resolution, upsample bilinearly to the ground-truth size).
+Used by evaluation, prediction and validation so every path predicts the same way: predict at the
+processing resolution, upsample bilinearly to the ground-truth size (as Marigold and Depth Anything v2).
 """
 
 from __future__ import annotations

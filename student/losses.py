@@ -1,39 +1,10 @@
 """Distillation losses of Distill Any Depth, on disparity maps (B, H, W) with a validity mask.
 
-Why: the paper's gains come from *how* teacher and student maps are normalised before the L1
-(PAPER.md §2) and from comparing the student with the teacher in two contexts (§3). Everything
-here is batched and vectorised; only the 7 depth-range contexts are stacked, pixels never looped.
-
-Normalisations (`norm=`), each pixel i normalised as (x_i - t_u) / (s_u + 1e-6) inside a context u:
-- "global" (Eq. 1-2): one context, the valid pixels; t = median, s = (1/M) sum |x - t|.
-- "hybrid" (Eq. 3-4, HDN-DR, PAPER.md §2.2): for S in {1, 2, 4} the *teacher's* valid range
-  [a, b] is cut into S equal-width bins, 7 contexts in all, applied to both maps. Per context
-  t = median and s = sum |x - t| / (count + 1) (HDN's +1). A pixel's loss is the mean of
-  |N_u(pred) - N_u(target)| over the contexts u containing it; the batch loss is the sum over pixels
-  divided by the number of valid pixels (HDN's `.sum() / mask_valid.sum()`).
-- "local" (Eq. 5): the S = 4 level of "hybrid" alone.
-- "none" (Eq. 6): L1 on the raw maps.
-Conventions, stated because they change numbers: the median of an even count is the lower middle
-value (torch.nanmedian, as HDN); a pixel on a bin edge goes to the upper bin (HDN's `>=`); the
-maximum goes into the last bin. HDN's demo tests `d < edge + 1e-30`, which in float32 drops the
-maximum-valued pixels from every context; here every valid pixel is in exactly one bin per level
-(|U_i| = 3), as PAPER.md §2.2 states. An empty context contributes nothing and stays NaN-free.
-
-Terms of Eq. 9, L = L_sc + λ1 L_lg + λ2 L_feat + λ3 L_grad with λ = (0.5, 1.0, 2.0):
-- L_sc (Eq. 7): `normalized_l1` between the student and teacher maps of the same input.
-- L_lg (Eq. 8): each local box (x0, y0, x1, y1, fractions of the global region) is cut from the
-  student's global map and resampled to the teacher's local size with `torchvision.ops.roi_align`
-  (aligned=True: pixel centres at i + 0.5; adaptive sampling, so a bin averages ceil(crop/size)^2
-  bilinear samples: plain bilinear when upsampling, area-like when downsampling), then compared
-  with the teacher's local prediction; pixels of all boxes are pooled like pixels of a batch.
-- L_feat (Depth Anything v1 feature alignment, PAPER.md §3.4): 1 - cosine similarity between the
-  student's and a frozen DINOv2's patch tokens, averaged over the tokens whose similarity is at
-  most the margin 0.85 (tokens already closer are not pulled further).
-- L_grad (MiDaS/DAv2 gradient matching, PAPER.md §3.4): on the normalised residual
-  R = N(pred) - N(target), sum |dR/dx| + |dR/dy| over valid neighbour pairs divided by the valid
-  pixel count, at 4 scales (stride 1, 2, 4, 8 subsampling as MiDaS), summed over scales. R uses the
-  global normalisation by default (DAv2's SSI); for "hybrid"/"local" R is the per-pixel mean of the
-  context residuals.
+The paper's gains come from how teacher and student maps are normalised before the L1 (`global`,
+`hybrid`, `local`, `none`: Eq. 1-6) and from comparing the student with the teacher in two contexts
+(`L_sc`, `L_lg`: Eq. 7-8); `distillation_loss` is Eq. 9 with `L_grad` and `L_feat`. Everything is batched
+and vectorised: only the 7 depth-range contexts are stacked, pixels are never looped. The formulas, and
+the conventions that change numbers (medians, bin edges, HDN's +1, pooling): docs/method.md §2-3.
 """
 
 from __future__ import annotations
@@ -201,7 +172,7 @@ class LossConfig:
 def distillation_loss(pred: torch.Tensor, batch: dict, cfg: LossConfig, feats=None, frozen_feats=None) -> dict:
     """Eq. 9 on a batch of cached targets, as training computes it: every term used, and "total".
 
-    L_grad lives on the shared-context pair (PAPER §3.4 [choice]) and shares its normalisation (global
+    L_grad lives on the shared-context pair (our choice: docs/method.md) and shares its normalisation (global
     for norm = "none"), so a local-global-only run (use_sc = false) gets no shared-context supervision
     through it; L_feat needs the encoder's tokens and the frozen copy's.
     """

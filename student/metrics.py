@@ -1,41 +1,16 @@
 """Affine-invariant depth evaluation: per-image least-squares alignment and the standard metrics.
 
-Why: every depth number this project prints must follow the zero-shot protocol that Marigold and
-Depth Anything use, or it cannot be compared with the paper (REFERENCE.md §5). This module mirrors
-Marigold's `src/util/alignment.py` (`align_depth_least_square`, `depth2disparity`) and
-`src/util/metric.py` (`abs_relative_difference` … `silog_rmse`) and the glue in
-`script/depth/eval.py`, re-implemented batched in torch:
-
-1. Fit `s·pred + t` to the target by ordinary least squares over the valid pixels of *one* image
-   (closed form, float64). `space="disparity"` is Marigold's `least_square_disparity`: the target
-   is 1/gt, the aligned disparity is clipped to ≥ 1e-3 and inverted back to depth; `space="depth"`
-   is Marigold's `least_square`: the target is gt itself.
-2. Clip the aligned prediction to the dataset range, then to ≥ 1e-6 (§5.1 step 4).
-3. Average each metric over the valid pixels of one image (§5.2); callers average over images.
-
-Choices the references leave open, made explicit here:
-- Degenerate predictions (constant over the valid pixels) get the constant fit s = 0,
-  t = mean(target): the same aligned map any least-squares solver returns. They score as
-  failures (a flat map), never crash and are never skipped.
-- Marigold's disparity fit also drops pixels with prediction ≤ 0 (harmless for its positive depth
-  maps). Affine-invariant disparity outputs may be ≤ 0 legitimately, so only non-finite
-  predictions are left out of the fit here.
-- Non-finite predictions (NaN/inf) are *failures*, not holes: each such pixel is scored as the
-  admissible value (inside the clipping range) that is farthest from the GT in log ratio, i.e. the
-  maximal error the clipping allows. Metrics stay finite; a NaN map scores δ1 = 0.
-- An image with no valid GT pixel has no score: its metrics are NaN (a data problem, not a
-  prediction failure). The eval stage goes further: below `eval.min_valid_pixels` it does not
-  score a sample at all, and lists it with the reason (stages/evaluate.py).
-- `space="inverse_depth"` (fit *and* score in inverse depth, as the realeval README and Depth
-  Anything do, REFERENCE.md §5.4) is offered beside Marigold's two spaces. GT that is stereo
-  disparity (Middlebury, KITTI-2015 in realeval) is always fitted and scored in disparity.
-- `fit_max_res` (Marigold `alignment_max_res`, 1024 for ETH3D) reproduces what Marigold's code
-  does, which is to subsample columns only (see `_subsample`), not a 2-D downsample.
+A batched torch re-implementation of Marigold's `src/util/alignment.py`, `src/util/metric.py` and the
+glue in `script/depth/eval.py`, so the numbers compare with the paper's: fit `s·pred + t` per image
+(`space`: `disparity`, `depth` or `inverse_depth`), clip, then AbsRel, δ1-3, RMSE … on the valid pixels.
+Choices the references leave open (flat or non-finite predictions, non-positive disparities, stereo GT,
+`alignment_max_res` subsampling columns only) are made explicit: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -166,7 +141,7 @@ def _worst_fill(pred: torch.Tensor, gt: torch.Tensor, lo: float, hi: float) -> t
 
 
 def _metrics(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
-    """REFERENCE.md §5.2 per image; p, g positive on m."""
+    """The metrics of docs/evaluation.md, per image; p, g positive on m."""
     g = torch.where(m, g, torch.ones_like(g))
     p = torch.where(m, p, torch.ones_like(p))
     diff, e = p - g, p.log() - g.log()
@@ -186,7 +161,7 @@ def _metrics(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> dict[str, tor
 
 
 def depth_metrics(pred, gt, mask, min_depth: float | None = None, max_depth: float | None = None) -> dict:
-    """AbsRel, SqRel, RMSE, RMSE_log, log10, δ1–3, SILog per image (REFERENCE.md §5.2).
+    """AbsRel, SqRel, RMSE, RMSE_log, log10, δ1–3, SILog per image (docs/evaluation.md).
 
     `pred` is already aligned. It is clipped to [min_depth, max_depth], then to ≥ 1e-6 (§5.1);
     non-finite values count as maximal error (module docstring). Pixels used: mask & gt > 0.
@@ -208,9 +183,32 @@ def _as_2d(x) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class Aligned:
+    """One sample as it was scored: the GT and the aligned (unclipped) prediction in the `space` scored in,
+    the pixels scored, and the clipping range [lo, hi] the metrics applied. Pictures draw from this, so what
+    they show is what was scored, aligned once."""
+    target: np.ndarray
+    pred: np.ndarray
+    valid: np.ndarray
+    lo: float
+    hi: float
+    space: str
+
+    def clipped(self) -> np.ndarray:
+        return np.clip(self.pred, self.lo, self.hi)
+
+
 def evaluate_prediction(pred_disp, sample_gt, gt_type: str, valid, space: str = "disparity",
                         min_depth: float | None = None, max_depth: float | None = None,
                         fit_max_res: int | None = None) -> dict:
+    """`align_and_score` without the maps."""
+    return align_and_score(pred_disp, sample_gt, gt_type, valid, space, min_depth, max_depth, fit_max_res)[0]
+
+
+def align_and_score(pred_disp, sample_gt, gt_type: str, valid, space: str = "disparity",
+                    min_depth: float | None = None, max_depth: float | None = None,
+                    fit_max_res: int | None = None) -> tuple[dict, Aligned]:
     """The whole per-image protocol for one (H, W) sample; the caller resizes pred to the GT size.
 
     - gt_type "disparity" (stereo GT): fit and score in disparity; min/max_depth do not apply.
@@ -218,7 +216,8 @@ def evaluate_prediction(pred_disp, sample_gt, gt_type: str, valid, space: str = 
       `space="depth"` Marigold least_square (then `pred_disp` must be depth-like), scored in depth;
       `space="inverse_depth"` fit and score against 1/gt, clipped to [1/max_depth, 1/min_depth].
     `fit_max_res`: fit on a subsample (Marigold `alignment_max_res`, 1024 for ETH3D).
-    Returns the METRIC_KEYS plus `scale`, `shift`, `n_valid` and `space` (where it was scored).
+    Returns the METRIC_KEYS plus `scale`, `shift`, `n_valid` and `space` (where it was scored), and the
+    `Aligned` maps.
     """
     if gt_type not in ("depth", "disparity"):
         raise ValueError(f"gt_type must be 'depth' or 'disparity', got {gt_type!r}")
@@ -238,12 +237,14 @@ def evaluate_prediction(pred_disp, sample_gt, gt_type: str, valid, space: str = 
     else:
         aligned, s, t, _ = _align_disp_fit(pred_disp, target, mask, fit_max_res)
     metrics = depth_metrics(aligned[0], target, mask, lo, hi)
-    n_valid = int((mask & (target > 0) & torch.isfinite(target)).sum())
-    return {**metrics, "scale": float(s[0]), "shift": float(t[0]), "n_valid": n_valid, "space": scored}
+    used = mask & (target > 0) & torch.isfinite(target)
+    maps = Aligned(target.numpy(), aligned[0].numpy(), used.numpy(), max(DEPTH_FLOOR, lo or 0.0),
+                   math.inf if hi is None else float(hi), scored)
+    return {**metrics, "scale": float(s[0]), "shift": float(t[0]), "n_valid": int(used.sum()), "space": scored}, maps
 
 
 def baseline_predictions(shape) -> dict[str, np.ndarray]:
-    """Reference predictions every result is printed beside (SCENES.md, DESIGN.md §8).
+    """Reference predictions every result is printed beside.
 
     `constant`: a flat disparity map (all ones). `vertical_ramp`: disparity growing linearly towards
     the bottom row, (row + 1) / H: the "floor near, sky far" prior, strictly positive. `shape` is

@@ -1,29 +1,10 @@
 """The student: a timm DINOv2 ViT encoder feeding four intermediate layers into a DPT head.
 
-Why this architecture: the paper's students are Depth Anything v2 models (PAPER.md §5, §8; the
-released S/B/L checkpoints load into stock `DepthAnythingV2`), so the student reproduces DAv2's
-`depth_anything_v2/dpt.py` layer for layer (REFERENCE.md §5.5):
-
-- encoder: a timm ViT; the outputs of blocks `layers` (S/B: 2,5,8,11; L: 4,11,17,23), each passed
-  through the final LayerNorm, class token dropped, reshaped to (B, C, H/14, W/14);
-- reassemble: per level a 1x1 projection to `out_channels[i]`, then resize x4 (transposed conv),
-  x2 (transposed conv), x1, x0.5 (3x3 conv, stride 2), then a 3x3 conv to `features` channels;
-- four RefineNet fusion blocks run coarse to fine (each: pre-activation residual units, bilinear
-  upsample with align_corners=True, 1x1 conv);
-- output: conv(features -> features/2) -> bilinear upsample to (ph*14, pw*14) -> conv -> ReLU ->
-  1x1 conv -> ReLU, i.e. non-negative relative disparity (PAPER.md §1: every loss works on disparity).
-
-The model takes RGB in [0, 1] and applies the ImageNet mean/std itself. Inputs whose sides are not
-multiples of 14 are reflect-padded (bottom/right) or resized to one (`fit`), and the prediction is
-brought back to the input size. Position embeddings are resampled to any grid with bicubic
-interpolation *without* antialiasing (`pos_antialias=False`; the timm ViT's class becomes
-`HFPosEmbedViT`, which changes only that): that is what HF transformers' Dinov2 does, so a model
-converted from a transformers Depth Anything checkpoint (student/convert.py) gives the same output
-at every input size. timm's default (antialias=True, which for bicubic also means PIL's a=-0.5
-kernel) differs at non-native sizes; the original DINOv2 code (scale_factor with a +0.1 offset)
-differs slightly from both.
-`forward(x, return_features=True)` also returns the last tapped layer's patch tokens (B, N, C), the
-tensor DAv2 and Distill-Any-Depth return for the feature-alignment loss L_feat (PAPER.md §3.4).
+The paper's students are Depth Anything v2 models, so this reproduces DAv2's `depth_anything_v2/dpt.py`
+layer for layer; the output is ReLU'd, non-negative disparity. RGB in [0, 1] (ImageNet mean/std applied
+inside); sides not multiples of 14 are padded or resized. Position embeddings are resampled as HF's Dinov2
+does (bicubic, no antialias), so a converted transformers checkpoint gives the same output at every input
+size. `forward(x, return_features=True)` also returns the last tapped layer's tokens, for L_feat.
 """
 
 from __future__ import annotations
@@ -124,7 +105,7 @@ def _resize_layer(channels: int, factor: float) -> nn.Module:
 
 
 class DPTHead(nn.Module):
-    """Depth Anything v2 DPT head (REFERENCE.md §5.5); `fusions[0]` is the coarsest level.
+    """Depth Anything v2 DPT head; `fusions[0]` is the coarsest level.
 
     The last conv's bias starts at 1: with PyTorch's default init its pre-ReLU output is nearly
     constant (std ~0.005) around a random bias, so about half of all random heads would output 0

@@ -1,17 +1,9 @@
-"""The training step of cross-context distillation on cached targets (PAPER §3.6).
+"""The training step of cross-context distillation on cached targets (docs/method.md).
 
-Per step the student predicts the G×G global input once and `student.losses.distillation_loss`
-(Eq. 9) scores it: `L_sc` against the chosen teacher's global target, `L_lg` at the K stored boxes
-against the teacher's local predictions, `L_grad` on the normalised shared-context residual (so only
-with `use_sc`), and optionally `L_feat` against a frozen copy of the initial encoder. AdamW with
-separate encoder and decoder learning rates (paper: 5e-6 / 5e-5), linear warm-up then poly(0.9)
-decay, gradient clipping, bf16 autocast on GPU. A step whose loss or gradient is NaN/inf raises
-`NonFiniteStep` before the optimizer moves: a diverged run stops there instead of training on (and
-saving) NaN weights.
-
-Pure torch, nothing of Ray: the loop around the step (resume, logging, validation, checkpoints) is
-still `stages/train.py`'s worker loop, which gives it a rank, a model wrapper (DDP) and a place to
-write checkpoints.
+One student forward on the G×G global input, scored by `student.losses.distillation_loss` (Eq. 9); AdamW
+with separate encoder and decoder learning rates, linear warm-up then poly(0.9) decay, gradient clipping,
+bf16 autocast on GPU. A NaN/inf loss or gradient raises `NonFiniteStep` before the optimizer moves. Pure
+torch; the loop around it (resume, cadence of logging, validation and checkpoints) is `student/loop.py`.
 """
 
 from __future__ import annotations

@@ -4,24 +4,25 @@
 * `write_config(root, sources, **sections)` writes a TOML config and returns its path.
 * `ray_session` starts (once per session) a 2-CPU local Ray cluster bound to 127.0.0.1.
 
-Ray's environment is set at import time so subprocesses (`dad …`) inherit it too.
+Images and configs come from bench/kit (shared with the benchmarks). Ray's environment and PYTHONPATH
+(the repository root, where `bench.kit`'s plugin teachers live) are set at import time, so Ray
+workers, forkserver children and subprocesses (`dad …`) inherit them.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from bench.kit.configs import raw_config, write_toml
+from bench.kit.images import exif_jpeg, image_array, image_bytes, png_bomb
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,53 +30,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["DAD_RENDER_CACHE"] = tempfile.mkdtemp(prefix="dad-test-renders-")
 
 
-def image_array(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A smooth seeded RGB pattern plus a little noise: compresses like a photo, distinct per seed."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    fx, fy, phase = rng.uniform(0.005, 0.05, 3), rng.uniform(0.005, 0.05, 3), rng.uniform(0, 6.3, 3)
-    chans = [127 + 100 * np.sin(xx * fx[c] + yy * fy[c] + phase[c]) for c in range(3)]
-    arr = np.stack(chans, axis=-1) + rng.normal(0, 6, (height, width, 3))
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def image_bytes(width: int, height: int, fmt: str = "jpeg", seed: int = 0, mode: str = "RGB",
-                quality: int = 90) -> bytes:
-    """Encoded bytes of `image_array` in a PIL format ('jpeg', 'png', 'webp' …) and mode."""
-    img = Image.fromarray(image_array(width, height, seed))
-    if mode != "RGB":
-        img = img.convert(mode)
-    buf = io.BytesIO()
-    kwargs = {"quality": quality} if fmt.lower() in ("jpeg", "jpg", "webp") else {}
-    img.save(buf, format="JPEG" if fmt.lower() == "jpg" else fmt.upper(), **kwargs)
-    return buf.getvalue()
-
-
-def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A valid 1-bit PNG of width×height (all black) in a few tens of KB: a decompression bomb."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    comp = zlib.compressobj(9)
-    idat = b"".join(comp.compress(row * 500) for _ in range(height // 500))
-    idat += comp.compress(row * (height % 500)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def exif_jpeg(arr: np.ndarray, orientation: int, quality: int = 95) -> bytes:
-    """JPEG of the stored pixels `arr` with an EXIF Orientation tag (6 = rotate 90° clockwise to view)."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality, exif=exif.tobytes())
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def media():
-    """Helpers for tests that need specific image bytes (no need to import conftest)."""
+    """bench.kit.images' makers for tests that need specific image bytes, as a fixture."""
     return SimpleNamespace(image_array=image_array, image_bytes=image_bytes, png_bomb=png_bomb,
                            exif_jpeg=exif_jpeg)
 
@@ -102,30 +59,12 @@ def make_corpus(tmp_path):
     return _make
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
 @pytest.fixture
 def write_config(tmp_path):
     """Factory: write a run config; `sections` maps section → {key: value} (merged over [run]/[corpus])."""
 
     def _write(root: str | Path, sources, name: str = "dad.toml", **sections: dict) -> Path:
-        srcs = [str(s) for s in (sources if isinstance(sources, (list, tuple)) else [sources])]
-        data: dict[str, dict] = {"run": {"root": str(root)}, "corpus": {"sources": srcs}}
-        for sec, values in sections.items():
-            data.setdefault(sec, {}).update(values)
-        text = "\n".join(f"[{sec}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in vals.items()) + "\n"
-                         for sec, vals in data.items())
-        path = tmp_path / name
-        path.write_text(text)
-        return path
+        return write_toml(tmp_path / name, raw_config(root, sources, preset="bare", **sections))
 
     return _write
 

@@ -1,61 +1,22 @@
-"""Helpers for the teach-stage and teacher tests (and bench/teach_perf.py).
+"""Helpers only the teach-stage and teacher tests use (shared ones: bench/kit).
 
-* `ramp_image` / `write_ramps`: colour-ramp images (R = 2x + b, G = 2y + d, exact in uint8) whose pixel
-  values are known analytically, so a teacher that is a function of the pixel colour has a known answer.
-* `teach_cfg`: a small validated config (tiny crops) with the given teachers.
 * `tiny_hf_models`: a tiny Depth Anything and a tiny DPT model saved with `save_pretrained`, each with
   a DPT image processor (size 56, multiple of 14, keep aspect ratio) next to it.
-* `SlowPixelTeacher`: a plugin teacher (`adapter = "teach_fixtures:SlowPixelTeacher"`) that is the
-  pixel teacher plus a sleep per `predict` call (`model = "r+2g@0.5"`), for kill -9 tests.
-* `tree_hashes`, `cache_arrays`: what "untouched" and "identical" are checked against.
+* `HoleyTeacher`: a plugin teacher (`adapter = "teach_fixtures:HoleyTeacher"`, inline runs only) whose
+  maps have NaN, inf and float16-overflowing values.
+* `tree_hashes`: what "untouched" is checked against; `subprocess_env`, `descendants`, `alive`: `dad`
+  subprocesses and the processes they leave.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from pipeline.config import DadConfig, TeacherCfg, fingerprint, load_config
+from pipeline.config import TeacherCfg
 from stages.teachers import TeacherSpec
-from stages.teachers.pixel import FUNCTIONS, PixelTeacher
-
-SMALL_CROPS = {"min_region": 56, "patch": 42, "global_size": 56, "local_store": 28, "local_count": 4}
-
-
-def ramp_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """R = 2·x + b, G = 2·y + d (exact integers: no rounding), B seeded noise (makes images distinct)."""
-    assert width <= 128 and height <= 128, "slope 2 fits 128 px in uint8"
-    rng = np.random.default_rng(seed)
-    b = int(rng.integers(0, 256 - 2 * (width - 1)))
-    d = int(rng.integers(0, 256 - 2 * (height - 1)))
-    img = np.zeros((height, width, 3), np.uint8)
-    img[..., 0] = (2 * np.arange(width) + b)[None, :]
-    img[..., 1] = (2 * np.arange(height) + d)[:, None]
-    img[..., 2] = rng.integers(0, 256, (height, width))
-    return img
-
-
-def write_ramps(folder: Path, n: int, sizes=((96, 72), (80, 80), (72, 90)), seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        Image.fromarray(ramp_image(w, h, seed * 1000 + i)).save(folder / f"ramp{i:03d}.png")
-    return folder
-
-
-def teach_cfg(root, sources, teachers: dict[str, dict], shard_size: int = 2, executor: str = "inline",
-              crops: dict | None = None, **run) -> DadConfig:
-    raw = {"run": {"root": str(root), "executor": executor, **run},
-           "corpus": {"sources": [str(s) for s in (sources if isinstance(sources, list) else [sources])],
-                      "shard_size": shard_size},
-           "crops": {**SMALL_CROPS, **(crops or {})},
-           "teachers": teachers}
-    return load_config(raw=raw)
+from stages.teachers.pixel import PixelTeacher
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -63,14 +24,6 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cache_arrays(root, teacher: str) -> dict[str, np.ndarray]:
-    from pipeline.cache import ARRAYS, open_cache
-    from pipeline.storage import Root
-
-    group = open_cache(root if isinstance(root, Root) else Root(str(root)), teacher)
-    return {name: group[name][...] for name in ARRAYS}
 
 
 # -- tiny transformers models -----------------------------------------------------------------
@@ -111,32 +64,12 @@ def tiny_hf_models(folder: Path, seed: int = 0, kinds: tuple[str, ...] = ("da", 
     return out
 
 
-# -- a plugin teacher that takes its time ---------------------------------------------------
-
-class SlowPixelTeacher(PixelTeacher):
-    """`model = "r+2g@0.5"`: the r+2g pixel function, sleeping 0.5 s per predict call."""
-
-    def __init__(self, name: str, tcfg: TeacherCfg):
-        fn, _, delay = tcfg.model.partition("@")
-        self.fn = FUNCTIONS[fn]
-        self.delay = float(delay or 0)
-        self.spec = self.describe(name, tcfg)
-
-    @classmethod
-    def describe(cls, name: str, tcfg: TeacherCfg) -> TeacherSpec:
-        fn = tcfg.model.partition("@")[0]
-        return TeacherSpec(name, "slow-pixel", fn, tcfg.output_space, "native", tcfg.license, fingerprint(fn))
-
-    def predict(self, rgb):
-        time.sleep(self.delay)
-        return super().predict(rgb)
-
-
 def subprocess_env(extra_path: str | None = None) -> dict[str, str]:
-    """Environment for `dad` subprocesses: tests importable (plugin teachers), Ray on 127.0.0.1."""
+    """Environment for `dad` subprocesses: the repository root importable (bench.kit's plugin teachers,
+    started in any folder), Ray on 127.0.0.1."""
     env = dict(os.environ)
-    tests = str(Path(__file__).parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, extra_path, env.get("PYTHONPATH")) if p)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, extra_path, env.get("PYTHONPATH")) if p)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.setdefault("RAY_AUTH_MODE", "disabled")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.kit.configs import SMALL_CROPS, raw_config, write_toml
 from pipeline.cache import open_cache
 from pipeline.config import load_config
 from pipeline.storage import Root
@@ -37,27 +38,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free 127.0.0.1 ports (all bound at once, so no two are the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_port_args(index: int) -> list[str]:
+    """`ray start` options giving a node its own ports. Two nodes on one host started together otherwise
+    race for the same default ports (a worker raylet died with 'bind: Address already in use') — and
+    other clusters on this shared machine hold the defaults too."""
+    agent, grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(6)
+    lo = 20000 + 1000 * index
+    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}"]
+
+
+def start_cluster(cluster, workers: int = 2) -> None:
+    """Head, then `workers` worker nodes one by one (1 CPU, a teacher slot and a `worker_<i>` resource
+    each), every node with its own ports."""
+    cluster.start("--head", f"--port={cluster.port}", "--num-cpus=1", f"--temp-dir={cluster.temp}",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dash}",
+                  "--disable-usage-stats", *node_port_args(0))
+    cluster.wait_nodes(1)
+    for i in range(workers):
+        cluster.start(f"--address=127.0.0.1:{cluster.port}", "--num-cpus=1",
+                      f"--resources={json.dumps({'teacher_slot': 1, f'worker_{i}': 1})}", *node_port_args(i + 1))
+        cluster.wait_nodes(2 + i)
+
+
 def write_config(tmp: Path, root: Path, corpus: Path) -> Path:
-    cfg = tmp / "cluster_test.toml"
-    cfg.write_text(f"""
-[run]
-root = "{root}"
-[corpus]
-sources = ["{corpus}"]
-shard_size = 2
-[crops]
-min_region = 56
-patch = 42
-global_size = 56
-local_store = 28
-[teachers.px]
-adapter = "pixel"
-model = "r+2g"
-actors = 2
-num_cpus = 0.25
-resources = {{teacher_slot = 1.0}}
-""")
-    return cfg
+    """The job's config: small crops, shards of 2, a 2-actor pixel teacher that needs a teacher slot."""
+    px = {"adapter": "pixel", "model": "r+2g", "actors": 2, "num_cpus": 0.25, "resources": {"teacher_slot": 1.0}}
+    raw = raw_config(root, corpus, {"px": px}, preset="bare", shard_size=2, crops=SMALL_CROPS)
+    return write_toml(tmp / "cluster_test.toml", raw)
 
 
 def make_corpus(path: Path, n: int = 8) -> None:
@@ -86,10 +108,8 @@ class Cluster:
                                                 *args], env=self.env, stdout=log, stderr=log, start_new_session=True))
 
     def up(self, workers: int = 2) -> None:
-        """Head, then worker nodes one at a time, each with its own ports (fault_fixtures.start_cluster):
-        nodes sharing a host and session folder collide on default ports and socket names otherwise."""
-        from fault_fixtures import start_cluster
-
+        """Head, then worker nodes one at a time, each with its own ports (`start_cluster`): nodes
+        sharing a host and session folder collide on default ports and socket names otherwise."""
         start_cluster(self, workers)
 
     def nodes(self) -> list[dict]:

@@ -12,15 +12,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from train_fixtures import (
-    batches_of,
-    build_cached_run,
-    copy_run,
-    restrict_selection,
-    stream_for,
-    train_config,
-)
+from train_fixtures import batches_of, copy_run, restrict_selection, train_config
 
+from bench.kit.train import build_cached_run, stream_for
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.storage import Root
 from student import data as data_mod

@@ -1,9 +1,9 @@
 """Reliability suite (issue #9): crashes (R1), dead workers (R2), bad inputs (R3), concurrent writers (R4).
 
 R1 — SIGKILL the driver of each stage mid-stage, rerun it, and compare every output with an
-uninterrupted run (fault_fixtures.outputs: shard bytes and manifest, Zarr contents and the stored
+uninterrupted run (bench/kit/faults.py `outputs`: shard bytes and manifest, Zarr contents and the stored
 shards' checksums, scores and selection, final weights, checkpoints and loss log). Stages run in
-processes forked from a preloaded forkserver (fault_fixtures.Zygote) with the inline executor, so the
+processes forked from a preloaded forkserver (`Zygote`) with the inline executor, so the
 killed process *is* the whole stage. One trial per stage here; `python -m bench.faults` runs 20 per stage
 at random moments. Killing Ray drivers is covered elsewhere: tests/test_ledger.py
 (test_kill9_mid_run_then_rerun_is_byte_identical: shard on Ray, default suite) and tests/test_teach.py
@@ -12,7 +12,7 @@ at random moments. Killing Ray drivers is covered elsewhere: tests/test_ledger.p
 R2 — `ray.kill` a teach actor mid-stage (default suite), and SIGKILL a whole worker node of a real
 three-node cluster mid-teach (slow; the cluster helper is tests/test_cluster.py's).
 
-R3 — a corpus of every kind of bad file (fault_fixtures.bad_corpus), bad configs, and a corrupted cache
+R3 — a corpus of every kind of bad file (bench/kit/bad_inputs.py), bad configs, and a corrupted cache
 shard: no crash, every file accounted for with a reason, corruption detected, recomputed, never trained on.
 
 R4 — two processes run the same stage on the same root: one proceeds, the other is refused with a
@@ -26,28 +26,26 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from teach_fixtures import alive
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-# Ray workers must import the plugin teachers defined in tests/: the local cluster (conftest's
-# `ray_session`) inherits this process's environment when it starts, after collection.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
-
-import fault_fixtures as ff
-from teach_fixtures import alive, cache_arrays, teach_cfg, write_ramps
-
-from pipeline.cache import ARRAYS, CacheCorruptError, open_cache, read_rows, shard_key
+from bench.kit import faults as ff
+from bench.kit.bad_inputs import BAD_CONFIGS, bad_corpus, corrupt_bytes
+from bench.kit.configs import dad_config, raw_config
+from bench.kit.images import write_ramps, write_sources
+from bench.kit.teach import cache_arrays
+from pipeline.cache import ARRAYS, CacheCorruptError, open_cache, read_rows, shard_key, verify_cells
 from pipeline.config import ConfigError, load_config
 from pipeline.ledger import Ledger
 from pipeline.storage import Root
 from stages import score, shard, teach, train
+from stages.teachers import lineage_for
 
 # -- shared: one tiny run, each stage done once cleanly (in forked children) -----------------------------
 
@@ -56,8 +54,8 @@ from stages import score, shard, teach, train
 def prepared(tmp_path_factory):
     """6 ramps → 3 shards of 2; two pixel teachers; 4 training steps (a checkpoint each step)."""
     work = tmp_path_factory.mktemp("faults")
-    src = ff.write_sources(work / "src", 6)
-    raw = ff.fault_raw(work / "unused", src, shard_size=2, steps=4)
+    src = write_sources(work / "src", 6)
+    raw = raw_config(work / "unused", src, preset="fault")
     z = ff.zygote()
     bases = ff.prepare_bases(z, work, raw)
     clean = {stage: ff.outputs(ff.with_root(raw, bases.done), stage) for stage in ff.STAGES}
@@ -116,9 +114,9 @@ def test_r2_ray_kill_a_teach_actor_mid_stage(tmp_path, ray_session):
     import ray
 
     src = write_ramps(tmp_path / "src", 8, sizes=((64, 64),))  # 4 shards of 2
-    slow = {"adapter": "fault_fixtures:RegisteringTeacher", "model": "r+2g@1.0", "batch_size": 8, "actors": 2,
+    slow = {"adapter": "bench.kit.faults:RegisteringTeacher", "model": "r+2g@1.0", "batch_size": 8, "actors": 2,
             "num_cpus": 0.5}
-    cfg = teach_cfg(tmp_path / "ray", src, {"px": slow}, executor="ray")
+    cfg = dad_config(tmp_path / "ray", src, {"px": slow}, preset="teach", executor="ray")
     shard.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "inline"})}))
     registry = ff.make_registry()
     markers = tmp_path / "ray" / "ledger" / "teach" / "px"
@@ -150,7 +148,7 @@ def test_r2_ray_kill_a_teach_actor_mid_stage(tmp_path, ray_session):
     finally:
         ray.kill(registry)
     assert len(list(markers.iterdir())) == 4
-    clean = teach_cfg(tmp_path / "clean", src, {"px": {**slow, "model": "r+2g@0"}})
+    clean = dad_config(tmp_path / "clean", src, {"px": {**slow, "model": "r+2g@0"}}, preset="teach")
     shard.run(clean)
     teach.run(clean)
     got, want = cache_arrays(tmp_path / "ray", "px"), cache_arrays(tmp_path / "clean", "px")
@@ -168,18 +166,18 @@ def test_r2_kill_a_worker_node_mid_teach(tmp_path, slot):
     from test_cluster import BIN, Cluster
 
     src = write_ramps(tmp_path / "src", 12, sizes=((64, 64),))  # 6 shards of 2
-    slow = {"adapter": "teach_fixtures:SlowPixelTeacher", "model": "r+2g@2", "batch_size": 8, "actors": 2,
+    slow = {"adapter": "bench.kit.teach:SlowPixelTeacher", "model": "r+2g@2", "batch_size": 8, "actors": 2,
             "num_cpus": 0.25, "resources": {"teacher_slot": slot}}
-    cfg = teach_cfg(tmp_path / "run", src, {"px": slow}, executor="ray")
+    cfg = dad_config(tmp_path / "run", src, {"px": slow}, preset="teach", executor="ray")
     shard.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "inline"})}))
     path = tmp_path / "run.toml"
     path.write_text(cfg.to_toml())
     markers = tmp_path / "run" / "ledger" / "teach" / "px"
     cluster = Cluster(tmp_path)
-    cluster.env.update(PYTHONPATH=str(Path(__file__).parent), RAY_raylet_start_wait_time_s="120")
+    cluster.env.update(RAY_raylet_start_wait_time_s="120")  # PYTHONPATH (bench.kit importable): from conftest
     log = tmp_path / "driver.log"
     try:
-        ff.start_cluster(cluster, workers=2)
+        cluster.up(workers=2)
         index = {n["id"]: int(k.split("_")[1]) for n in cluster.nodes() for k in n["res"] if k.startswith("worker_")}
         with open(log, "w") as sink:
             driver = subprocess.Popen([str(BIN / "dad"), "teach", "-c", str(path), "--address",
@@ -203,7 +201,7 @@ def test_r2_kill_a_worker_node_mid_teach(tmp_path, slot):
         cluster.down()
     done = [json.loads(p.read_text()) for p in markers.iterdir()]
     assert len(done) == 6 and {m["node"] for m in done} - {first}  # the survivor finished the job
-    clean = teach_cfg(tmp_path / "clean", src, {"px": {**slow, "model": "r+2g@0"}})
+    clean = dad_config(tmp_path / "clean", src, {"px": {**slow, "model": "r+2g@0"}}, preset="teach")
     shard.run(clean)
     teach.run(clean)
     got, want = cache_arrays(tmp_path / "run", "px"), cache_arrays(tmp_path / "clean", "px")
@@ -215,10 +213,10 @@ def test_r2_kill_a_worker_node_mid_teach(tmp_path, slot):
 
 @pytest.mark.timeout(300)
 def test_r3_every_bad_corpus_file_is_rejected_or_handled_with_a_reason(tmp_path):
-    folder, files = ff.bad_corpus(tmp_path / "bad")
+    folder, files = bad_corpus(tmp_path / "bad")
     kinds = {f.kind for f in files}
     assert len(kinds) >= 25 and sum(f.expect == "reject" for f in files) >= 12
-    raw = ff.fault_raw(tmp_path / "run", folder, shard_size=3)
+    raw = raw_config(tmp_path / "run", folder, preset="fault", shard_size=3)
     cfg = load_config(raw=raw)
     summary = shard.run(cfg)
     root = Root(cfg.run.root)
@@ -241,37 +239,11 @@ def test_r3_every_bad_corpus_file_is_rejected_or_handled_with_a_reason(tmp_path)
     assert all(r["valid_fraction"] == 1.0 for r in scores)
 
 
-BAD_CONFIGS = {  # raw sections → a fragment the message must contain
-    "unknown key": ({"corpus": {"shard_sise": 4}}, "corpus.shard_sise: unknown key"),
-    "wrong type": ({"corpus": {"shard_size": "many"}}, "corpus.shard_size"),
-    "zero shard size": ({"corpus": {"shard_size": 0}}, "corpus.shard_size"),
-    "no sources": ({"corpus": {"sources": []}}, "corpus.sources"),
-    "patch > region": ({"crops": {"patch": 700, "min_region": 644}}, "must not exceed crops.min_region"),
-    "global not ×14": ({"crops": {"global_size": 57}}, "multiple of 14"),
-    "local > global": ({"crops": {"local_store": 600}}, "local_store must not exceed"),
-    "affine teacher": ({"teachers": {"t": {"adapter": "pixel", "model": "r+2g", "output_space": "affine_depth"}}},
-                       "affine"),
-    "bad output space": ({"teachers": {"t": {"adapter": "pixel", "model": "r+2g", "output_space": "heat"}}},
-                         "teachers.t.output_space"),
-    "teacher name escapes": ({"teachers": {"../../etc": {"adapter": "pixel", "model": "r+2g"}}}, "teacher name"),
-    "teacher name with a slash": ({"teachers": {"a/b": {"adapter": "pixel", "model": "r+2g"}}}, "teacher name"),
-    "train name escapes": ({"train": {"name": "../../x"}}, "train.name"),
-    "filter w/o threshold": ({"score": {"policy": "filter"}}, "filter_threshold"),
-    "no loss": ({"train": {"use_sc": False, "use_lg": False}}, "cannot both be false"),
-    "negative lr": ({"train": {"lr_decoder": -1}}, "train.lr_decoder"),
-    "memory root on ray": ({"run": {"root": "memory://x", "executor": "ray"}}, "memory://"),
-    "eval res not ×14": ({"eval": {"resolution": 500}}, "multiple of 14"),
-    "unknown section": ({"trian": {"steps": 3}}, "trian: unknown key"),
-}
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_r3_bad_configs_fail_with_a_message_naming_the_key(tmp_path, case):
     sections, fragment = BAD_CONFIGS[case]
-    raw = {"run": {"root": str(tmp_path / "run")}, "corpus": {"sources": [str(tmp_path)]}}
-    for sec, vals in sections.items():
-        raw.setdefault(sec, {}).update(vals)
+    raw = raw_config(tmp_path / "run", tmp_path, preset="bare", **sections)
     with pytest.raises(ConfigError) as info:
         load_config(raw=raw)
     assert fragment in str(info.value)
@@ -301,7 +273,7 @@ def test_r3_unreadable_config_files_and_runtime_config_errors(tmp_path):
         assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output, (name, res.output)
     # valid TOML that only fails when the stage starts: unknown adapter, missing corpus, unknown --teacher
     src = write_ramps(tmp_path / "src", 2)
-    good = ff.fault_raw(tmp_path / "run", src)
+    good = raw_config(tmp_path / "run", src, preset="fault")
     good["teachers"]["bad"] = {"adapter": "no_such_module:Nope", "model": "x"}
     path = tmp_path / "run.toml"
     path.write_text(load_config(raw=good).to_toml())
@@ -330,7 +302,7 @@ def test_r3_corrupted_cache_shard_is_detected_recomputed_and_never_trained_on(pr
     before = cache_arrays(root, "r2g")
     obj = Path(root.path("cache", "r2g", shard_key("global", 1)))
     size = obj.stat().st_size
-    ff.corrupt_bytes(obj)  # same size: only a checksum tells
+    corrupt_bytes(obj)  # same size: only a checksum tells
     assert obj.stat().st_size == size
 
     # 1. reading it fails loudly (per-chunk CRC32C), naming teacher and shard
@@ -357,17 +329,17 @@ def test_r3_corrupted_cache_shard_is_detected_recomputed_and_never_trained_on(pr
     for name in ARRAYS:
         np.testing.assert_array_equal(after[name], before[name])
     assert teach.run(cfg, verify=True)["recomputed"] == 0
-    train.verify_targets(root, cfg, [0, 1, 2])  # passes now
+    train.verify_targets(root, cfg, [0, 1, 2], lineage_for(cfg))  # passes now
 
 
 @pytest.mark.timeout(120)
 def test_r3_deleted_or_swapped_cache_objects_and_old_markers(prepared, tmp_path):
     raw, root = _cached(prepared, tmp_path)
     cfg = load_config(raw=raw)
-    fp = teach.cell_fingerprint(cfg, teach.spec_for("r2g", cfg.teachers["r2g"]).fingerprint)
+    fp = lineage_for(cfg).teach("r2g")
     # a deleted object reads back as NaN (no checksum can see it); the marker's record can
     Path(root.path("cache", "r2g", shard_key("global", 0))).unlink()
-    assert teach.verify_cells(root, "r2g", fp, [0, 1, 2], deep=False) == {
+    assert verify_cells(root, "r2g", fp, [0, 1, 2], deep=False) == {
         0: "global/c/0/0/0: missing; its teach marker recorded " + str(
             Ledger(root).info("teach", "r2g", "000000", fp)["objects"]["global"]["bytes"]) + " bytes"}
     # a whole, valid object from another shard copied over this one: every CRC passes, sha256 does not
@@ -375,13 +347,13 @@ def test_r3_deleted_or_swapped_cache_objects_and_old_markers(prepared, tmp_path)
     b.write_bytes(a.read_bytes())
     swapped = read_rows(open_cache(root, "luma"), [2, 3])["local"]  # decodes fine: wrong, but well-formed
     np.testing.assert_array_equal(swapped, read_rows(open_cache(root, "luma"), [0, 1])["local"])
-    luma_fp = teach.cell_fingerprint(cfg, teach.spec_for("luma", cfg.teachers["luma"]).fingerprint)
-    assert set(teach.verify_cells(root, "luma", luma_fp, [0, 1, 2], deep=True)) == {1}
+    luma_fp = lineage_for(cfg).teach("luma")
+    assert set(verify_cells(root, "luma", luma_fp, [0, 1, 2], deep=True)) == {1}
     # a marker without checksums (an older version) cannot be trusted
     info = Ledger(root).info("teach", "r2g", "000002", fp)
     info.pop("objects")
     root.write_json(info, "ledger", "teach", "r2g", f"000002.{fp}.json")
-    assert "records no checksums" in teach.verify_cells(root, "r2g", fp, [2], deep=False)[2]
+    assert "records no checksums" in verify_cells(root, "r2g", fp, [2], deep=False)[2]
     summary = teach.run(cfg)
     assert (summary["recomputed"], summary["cells"]) == (3, 3)  # r2g 0 and 2, luma 1 (its size differs)
     assert teach.run(cfg, verify=True)["recomputed"] == 0

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bench.kit.configs import dad_config
 from pipeline import storage
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.ledger import Ledger, LockError, StaleConfigError, check_recorded, stage_lock
+from pipeline.ledger import Ledger, LockError, stage_lock
+from pipeline.lineage import Lineage, StaleConfigError, check_recorded
 from pipeline.storage import Root
 from stages import shard
 
@@ -34,10 +36,8 @@ def outputs(root: Root) -> dict[str, bytes]:
 
 
 def _cfg(root, sources, **sections):
-    raw = {"run": {"root": str(root)}, "corpus": {"sources": [str(s) for s in sources]}}
-    for sec, vals in sections.items():
-        raw.setdefault(sec, {}).update(vals)
-    return load_config(raw=raw)
+    """Only root, sources and `sections`: the product's defaults for everything else."""
+    return dad_config(root, sources, preset="bare", **sections)
 
 
 def _shard_markers(root: Root) -> list[str]:
@@ -106,7 +106,7 @@ def test_marker_only_after_outputs(tmp_path, make_corpus, monkeypatch, write_con
     monkeypatch.setattr(storage.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         shard.run(cfg)
-    assert _shard_markers(root) == [f"000000.{shard.shard_fingerprint(cfg)}.json"]
+    assert _shard_markers(root) == [f"000000.{Lineage(cfg).shard}.json"]
     assert root.listdir("corpus", "shards") == ["000000.tar"]  # no partial tar, no temp file left behind
     assert not root.exists("ledger", "locks", "shard._.lock")  # the lock is released on failure
     assert not root.exists("corpus", "manifest.parquet")

@@ -1,4 +1,4 @@
-"""student/metrics.py: alignment and metrics against hand-computed values (REFERENCE.md §5)."""
+"""student/metrics.py: alignment and metrics against hand-computed values."""
 
 import math
 

@@ -21,19 +21,16 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import fault_fixtures as ff
-
+from bench.kit.configs import dad_config
+from bench.kit.images import write_sources
+from bench.kit.s3 import S3_CREDS, moto_s3
 from pipeline.cli import app
-from pipeline.config import load_config
 from stages.teachers.pixel import PixelTeacher
 
 
@@ -56,7 +53,7 @@ def prepared(tmp_path_factory) -> Path:
     import stages.teach
 
     base = tmp_path_factory.mktemp("cli-prepared")
-    cfg = load_config(raw=ff.fault_raw(base / "root", ff.write_sources(base / "src", 4)))
+    cfg = dad_config(base / "root", write_sources(base / "src", 4), preset="fault")
     stages.shard.run(cfg)
     stages.teach.run(cfg)
     stages.score.run(cfg)
@@ -256,7 +253,7 @@ def test_object_store_errors_are_one_line_naming_the_root(monkeypatch, config_fo
     pytest.importorskip("moto.server")
     import s3fs
 
-    with ff.moto_s3("dad-cli"):
+    with moto_s3("dad-cli"):
         cfg = config_for("s3://no-such-bucket/run")
         line = one_line_error(dad("shard", "-c", cfg), "s3://no-such-bucket/run", "NoSuchBucket", "run.root")
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
@@ -266,7 +263,7 @@ def test_object_store_errors_are_one_line_naming_the_root(monkeypatch, config_fo
         line += one_line_error(res, "cannot reach the object store", "s3://dad-cli/run", "127.0.0.1:9",
                                "AWS_ENDPOINT_URL")
         s3fs.S3FileSystem.clear_instance_cache()
-    for secret in ff.S3_CREDS.values():
+    for secret in S3_CREDS.values():
         assert secret not in line and secret not in res.output
 
 

@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -25,21 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from teach_fixtures import tree_hashes
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from teach_fixtures import cache_arrays, tree_hashes, write_ramps
-from train_fixtures import raw_config
-
-from pipeline.cache import CacheCorruptError
+from bench.kit.configs import dad_config
+from bench.kit.images import write_ramps
+from bench.kit.teach import cache_arrays
+from pipeline.cache import CacheCorruptError, require_intact_metadata
 from pipeline.cli import app
 from pipeline.config import load_config
-from pipeline.corpus import ShardCorruptError
+from pipeline.corpus import ShardCorruptError, verify_corpus
 from pipeline.images import decode_trusted
 from pipeline.ledger import Ledger, LockError, stage_lock
+from pipeline.lineage import Lineage
 from pipeline.storage import Root
 from stages import score, shard, teach, train
+from stages.teachers import lineage_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,9 +47,7 @@ pytestmark = pytest.mark.timeout(300)
 def _jpeg_run(folder: Path, n: int = 6, **raw):
     """6 ramps → 3 shards of 2 with JPEG regions (no checksum inside), taught and scored inline."""
     src = write_ramps(folder / "src", n, sizes=((96, 72),))
-    rc = raw_config(folder / "root", src, shard_size=2, **raw)
-    rc["corpus"]["image_format"] = "jpeg"
-    cfg = load_config(raw=rc)
+    cfg = dad_config(folder / "root", src, shard_size=2, corpus={"image_format": "jpeg"}, **raw)
     shard.run(cfg)
     teach.run(cfg)
     score.run(cfg)
@@ -90,8 +88,8 @@ def test_flipped_jpeg_bytes_in_a_shard_are_never_read_and_dad_shard_verify_resto
     _flip_inside_a_jpeg(tar)
 
     # what only a digest can see: same size, a valid tar of valid JPEGs
-    assert shard.verify_corpus(root, cfg) == [] and _status_note(cfg_file, "shard", "corpus") == "complete"
-    assert [w.split(":")[0] for w in shard.verify_corpus(root, cfg, deep=True)] == ["corpus/shards/000001.tar"]
+    assert verify_corpus(root, Lineage(cfg).shard) == [] and _status_note(cfg_file, "shard", "corpus") == "complete"
+    assert [w.split(":")[0] for w in verify_corpus(root, Lineage(cfg).shard, deep=True)] == ["corpus/shards/000001.tar"]
     # teach --verify, a newly added teacher, training: all refuse before reading a pixel of it
     with pytest.raises(ShardCorruptError, match=r"corpus/shards/000001\.tar: \d+ bytes, sha256.*dad shard --verify"):
         teach.run(cfg, verify=True)
@@ -112,16 +110,16 @@ def test_flipped_jpeg_bytes_in_a_shard_are_never_read_and_dad_shard_verify_resto
     res = CliRunner().invoke(app, ["shard", "-c", str(cfg_file), "--verify"])
     assert res.exit_code == 0, res.output
     assert tar.read_bytes() == good
-    assert shard.verify_corpus(root, cfg, deep=True) == []
+    assert verify_corpus(root, Lineage(cfg).shard, deep=True) == []
     assert teach.run(cfg, verify=True)["recomputed"] == 0
-    train.verify_targets(root, cfg, [0, 1, 2])
+    train.verify_targets(root, cfg, [0, 1, 2], lineage_for(cfg))
 
     # a truncated shard: `dad status` sees it by size, plain `dad shard` rebuilds it
     other = Path(root.path("corpus", "shards", "000002.tar"))
     other.write_bytes(other.read_bytes()[:-512])
     assert "differ from their markers" in _status_note(cfg_file, "shard", "corpus")
     assert "dad shard --verify" in _status_note(cfg_file, "shard", "corpus")
-    assert shard.run(cfg)["written"] == 1 and shard.verify_corpus(root, cfg, deep=True) == []
+    assert shard.run(cfg)["written"] == 1 and verify_corpus(root, Lineage(cfg).shard, deep=True) == []
 
 
 def test_a_rebuild_that_differs_from_the_recorded_bytes_is_refused(tmp_path):
@@ -173,28 +171,28 @@ def test_manifest_parts_and_cache_metadata_are_checked_and_repaired(tmp_path):
                                                     r"rewrite it with `dad teach --verify --teacher r2g`"):
             run()
     with pytest.raises(CacheCorruptError, match=r"cache/luma/zarr\.json attribute\(s\) output_space differ"):
-        teach.require_intact_metadata(root, cfg, ["luma"], [0, 1, 2])
+        require_intact_metadata(root, cfg, lineage_for(cfg).output_spaces(["luma"]), [0, 1, 2])
     summary = teach.run(cfg)  # rewrites the metadata, recomputes nothing
     assert (summary["cells"], summary["recomputed"]) == (0, 0)
     assert meta.read_bytes() == meta_good and json.loads(group.read_bytes()) == group_good
     for t in cfg.teachers:
         for name, arr in cache_arrays(root, t).items():
             np.testing.assert_array_equal(arr, before[t][name])
-    train.verify_targets(root, cfg, [0, 1, 2])
+    train.verify_targets(root, cfg, [0, 1, 2], lineage_for(cfg))
 
 
 def test_markers_without_digests_are_read_unchecked_and_recorded_by_shard_verify(tmp_path):
     """Natural behaviour for markers written before digests existed: nothing to compare, so the shard is
     read as before; `dad shard --verify` rebuilds it and records its digest when the rebuild is identical."""
     cfg, root, _ = _jpeg_run(tmp_path)
-    ledger, fp = Ledger(root), shard.shard_fingerprint(cfg)
+    ledger, fp = Ledger(root), Lineage(cfg).shard
     for cell in ("000000", "final"):
         info = ledger.info("shard", "_", cell, fp)
         info.pop("objects")
         root.write_json(info, "ledger", "shard", "_", f"{cell}.{fp}.json")
     tar = Path(root.path("corpus", "shards", "000000.tar"))
     good = tar.read_bytes()
-    assert shard.verify_corpus(root, cfg, deep=True) == []
+    assert verify_corpus(root, Lineage(cfg).shard, deep=True) == []
     assert shard.status(cfg, root)[0]["note"] == "complete"
     assert teach.run(cfg, verify=True)["recomputed"] == 0
     summary = shard.run(cfg, verify=True)
@@ -208,7 +206,7 @@ def test_markers_without_digests_are_read_unchecked_and_recorded_by_shard_verify
 
 def test_changed_sources_are_reported_by_status_and_refused_by_shard(tmp_path):
     src = write_ramps(tmp_path / "src", 6, sizes=((64, 64),))
-    cfg = load_config(raw=raw_config(tmp_path / "root", src, shard_size=2))
+    cfg = dad_config(tmp_path / "root", src, shard_size=2)
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text(cfg.to_toml())
     shard.run(cfg)

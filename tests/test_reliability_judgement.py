@@ -12,18 +12,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from teach_fixtures import teach_cfg
-
+from bench.kit.configs import dad_config
 from pipeline.targets import aligned_absrel, canonical, fit_affine, mix_targets
+from stages.teachers import lineage_for
 
 # -- item 2: a negative fitted scale is disagreement -----------------------------------------------
 
@@ -63,7 +60,7 @@ def test_sign_inverted_teacher_scores_worse_and_is_flagged(tmp_path, make_corpus
                 "b": {"adapter": "pixel", "model": "r+2g", "prior": 0.3},
                 # a disparity model declared as depth: read upside down, exactly the misconfiguration
                 "c": {"adapter": "pixel", "model": "r+2g", "output_space": "depth", "prior": 0.3}}
-    cfg = teach_cfg(tmp_path / "run", corpus, teachers)
+    cfg = dad_config(tmp_path / "run", corpus, teachers, preset="teach")
     shard.run(cfg)
     teach.run(cfg)
     with caplog.at_level(logging.WARNING, logger="dad.score"):
@@ -86,7 +83,7 @@ def test_sign_inverted_teacher_scores_worse_and_is_flagged(tmp_path, make_corpus
     assert "'a', 'c'" in both and "one of them is read upside down" in both and "output_space" in both
 
     # Ranked by agreement, the inverted teacher gets nothing (it took 30 % before).
-    best = teach_cfg(tmp_path / "run", corpus, teachers)
+    best = dad_config(tmp_path / "run", corpus, teachers, preset="teach")
     best.score.policy, best.score.metric = "best", "agreement"
     assert score.run(best)["share_c"] == 0.0
 
@@ -94,7 +91,7 @@ def test_sign_inverted_teacher_scores_worse_and_is_flagged(tmp_path, make_corpus
     part = tmp_path / "run" / "scores" / "parts" / "000000.parquet"
     pq.write_table(pq.read_table(part).drop_columns(["anticorrelated"]), part)
     ledger = Ledger(Root(cfg.run.root))
-    ledger.unmark("score", "_", "scores", score.metrics_fingerprint(cfg, score.teacher_fps(cfg)))
+    ledger.unmark("score", "_", "scores", lineage_for(cfg).metrics)
     again = score.run(cfg)
     assert again["scored"] == 0
     merged = pq.read_table(tmp_path / "run" / "scores" / "scores.parquet")

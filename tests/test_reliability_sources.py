@@ -30,15 +30,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import fault_fixtures as ff
-from conftest import image_bytes
-from train_fixtures import raw_config
-
 import stages.report
 import stages.shard
+from bench.kit.configs import raw_config
+from bench.kit.faults import with_root
+from bench.kit.images import image_bytes, write_sources
+from bench.kit.s3 import moto_s3
 from pipeline.config import load_config
+from pipeline.lineage import Lineage
 from pipeline.redact import public, redact
 from pipeline.storage import Root
 
@@ -162,7 +161,7 @@ def test_redact_is_the_one_rule_for_credentials_and_signatures():
 @pytest.mark.timeout(180)
 def test_url_list_credentials_are_used_for_the_fetch_and_never_stored(tmp_path, ray_session):
     """Listed and sharded by Ray tasks: the real URIs travel to them in memory, the stored ones are public."""
-    src = ff.write_sources(tmp_path / "src", n=3)
+    src = write_sources(tmp_path / "src", n=3)
     blobs = {f"/private/{p.name}": p.read_bytes() for p in sorted(src.iterdir())}
     plain = image_bytes(64, 64, "png", seed=77)
     with http_server({**blobs, "/pub/p.png": plain}, user="alice", password="s3cretPass") as (base, seen):
@@ -212,11 +211,11 @@ def test_root_credentials_are_used_but_never_printed_or_stored(tmp_path):
         assert res.exit_code == 0, res.output
         assert "s3://dad-creds/run" in res.output and secret not in res.output and "AKIAROOTKEYID" not in res.output
 
-    src = ff.write_sources(tmp_path / "src", n=2)
-    with ff.moto_s3("dad-creds") as fs:
+    src = write_sources(tmp_path / "src", n=2)
+    with moto_s3("dad-creds") as fs:
         root = Root(url)
         assert root.url == "s3://dad-creds/run" and secret not in repr(root)
-        summary = shard(ff.with_root(raw_config("/unused", src, shard_size=2), url))
+        summary = shard(with_root(raw_config("/unused", src, shard_size=2), url))
         assert summary["samples"] == 2
         stored = b"".join(fs.cat_file(p) for p in fs.find("dad-creds/run"))
         assert b"wJalrXUtnFEMI" not in stored and b"AKIAROOTKEYID" not in stored
@@ -234,7 +233,7 @@ def _maxrss_bytes() -> int:
 
 @pytest.mark.timeout(120)
 def test_every_kind_of_entry_is_a_sample_or_a_reject(tmp_path):
-    d = ff.write_sources(tmp_path / "src", n=3)
+    d = write_sources(tmp_path / "src", n=3)
     good = sorted(d.iterdir())
     sub = d / "sub"
     sub.mkdir()
@@ -295,7 +294,7 @@ def test_every_kind_of_entry_is_a_sample_or_a_reject(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("as_glob", [False, True], ids=["folder", "deep-glob"])
 def test_an_unreadable_subfolder_is_a_reject(tmp_path, as_glob):
-    d = ff.write_sources(tmp_path / "src", n=2)
+    d = write_sources(tmp_path / "src", n=2)
     locked = d / "locked"
     locked.mkdir()
     (locked / "in.png").write_bytes(image_bytes(64, 64, "png", seed=5))
@@ -324,7 +323,7 @@ def test_an_unreadable_subfolder_is_a_reject(tmp_path, as_glob):
 
 @pytest.mark.timeout(120)
 def test_a_url_that_never_answers_costs_the_timeout_per_attempt_then_is_a_reject(tmp_path):
-    src = ff.write_sources(tmp_path / "src", n=2)
+    src = write_sources(tmp_path / "src", n=2)
     with silent_server() as (port, accepted):
         url = f"http://127.0.0.1:{port}/never.jpg"
         (tmp_path / "urls.txt").write_text(f"{url}\n" + "".join(f"{p}\n" for p in sorted(src.iterdir())))
@@ -347,7 +346,7 @@ def test_a_url_that_never_answers_costs_the_timeout_per_attempt_then_is_a_reject
 def test_fetch_settings_and_credentials_change_no_fingerprint(tmp_path):
     """corpus.timeout / retries say how inputs are fetched, not what is made of them; rotated credentials
     or a fresh presigning name the same object: the corpus stays complete and is not redone."""
-    src = ff.write_sources(tmp_path / "src", n=2)
+    src = write_sources(tmp_path / "src", n=2)
     raw = raw_config(tmp_path / "root", src, shard_size=2)
     first = shard(raw)
     raw["corpus"].update(timeout=5.0, retries=0)
@@ -355,5 +354,5 @@ def test_fetch_settings_and_credentials_change_no_fingerprint(tmp_path):
     assert again["written"] == 0 and again["fingerprint"] == first["fingerprint"]
     a = load_config(raw={"run": {"root": "s3://K1:S1@b/r"}, "corpus": {"sources": ["https://h/l.txt?X-Amz-Signature=1"]}})
     b = load_config(raw={"run": {"root": "s3://K2:S2@b/r"}, "corpus": {"sources": ["https://h/l.txt?X-Amz-Signature=2"]}})
-    assert stages.shard.shard_fingerprint(a) == stages.shard.shard_fingerprint(b)
+    assert Lineage(a).shard == Lineage(b).shard
     assert "S1" not in a.to_toml() and "https://h/l.txt" in a.to_toml()

@@ -7,8 +7,8 @@
 * Checkpoints (and every other atomic write) honour the umask.
 * A truncated newest checkpoint is skipped, with a warning naming it: the rerun resumes from the one before.
 
-One tiny cached run per module (tests/train_fixtures.py); each test trains on a copy, inline unless it
-says Ray.
+One tiny cached run per module (tests/train_fixtures.py, bench/kit/train.py); each test trains on a copy,
+inline unless it says Ray.
 """
 
 from __future__ import annotations
@@ -20,23 +20,18 @@ import os
 
 import pytest
 import torch
-from train_fixtures import (
-    cached_run_with_student,
-    copy_run,
-    live_student,
-    same_weights,
-    train_config,
-    weights,
-)
+from train_fixtures import cached_run_with_student, copy_run, same_weights, train_config
 from typer.testing import CliRunner
 
 import stages.train
 import student.trainer
+from bench.kit.train import live_student, weights
 from pipeline.cli import app
 from pipeline.ledger import Ledger
 from pipeline.storage import Root, temp_file
 from stages import predict as predict_stage
 from stages.evaluate import load_predictor
+from stages.teachers import lineage_for
 from student.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +97,7 @@ def assert_nothing_final(cfg) -> None:
     """No model.pt, no summary, no final marker, and `dad status` does not say complete."""
     files = train_files(cfg)
     assert "model.pt" not in files and "summary.json" not in files
-    assert not Ledger(Root(cfg.run.root)).is_done("train", "student", "final", stages.train.train_fingerprint(cfg))
+    assert not Ledger(Root(cfg.run.root)).is_done("train", "student", "final", lineage_for(cfg).train)
     assert stages.train.status(cfg, Root(cfg.run.root))[0]["note"] != "complete"
 
 

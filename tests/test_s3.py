@@ -9,18 +9,15 @@ them is in the config. The S3 run uses the inline executor (each stage runs in t
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import fault_fixtures as ff
-from teach_fixtures import write_ramps
 from test_security import assert_no_secrets
 
+from bench.kit import faults as ff
+from bench.kit.configs import raw_config
+from bench.kit.images import write_ramps
+from bench.kit.s3 import S3_CREDS, eval_metrics, moto_s3, run_pipeline, write_evalset
 from pipeline.cache import ARRAYS, open_cache
 from pipeline.config import load_config
 from pipeline.storage import Root
@@ -28,12 +25,12 @@ from pipeline.storage import Root
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-CREDS = ff.S3_CREDS
+CREDS = S3_CREDS
 
 
 @pytest.fixture
 def s3():
-    with ff.moto_s3("dad-faults") as fs:
+    with moto_s3("dad-faults") as fs:
         yield fs
 
 
@@ -41,12 +38,13 @@ def s3():
 def test_pipeline_on_s3_matches_local_disk(tmp_path, s3, caplog, capfd):
     caplog.set_level(logging.INFO)
     src = write_ramps(tmp_path / "src", 6, sizes=((64, 64),))
-    dataset = ff.write_evalset(tmp_path / "evalset")
-    local_raw = ff.fault_raw(tmp_path / "local", src, steps=2, eval={"resolution": 28, "pictures": 1})
+    dataset = write_evalset(tmp_path / "evalset")
+    local_raw = raw_config(tmp_path / "local", src, preset="fault", train={"steps": 2},
+                           eval={"resolution": 28, "pictures": 1})
     s3_raw = ff.with_root(local_raw, "s3://dad-faults/run")
 
-    got = ff.run_pipeline(s3_raw, dataset)
-    want = ff.run_pipeline(local_raw, dataset)
+    got = run_pipeline(s3_raw, dataset)
+    want = run_pipeline(local_raw, dataset)
     assert got["shard"]["samples"] == want["shard"]["samples"] == 6
     assert got["teach"]["cells"] == want["teach"]["cells"] == 6
     assert got["train"]["steps"] == want["train"]["steps"] == 2
@@ -68,7 +66,7 @@ def test_pipeline_on_s3_matches_local_disk(tmp_path, s3, caplog, capfd):
             np.testing.assert_array_equal(ga[name][...], gb[name][...])
     for parts in (("scores", "scores.parquet"), ("scores", "selection.parquet")):
         assert s3_root.read_table(*parts).to_pylist() == local_root.read_table(*parts).to_pylist()
-    m_s3, m_local = ff.eval_metrics(s3_root), ff.eval_metrics(local_root)
+    m_s3, m_local = eval_metrics(s3_root), eval_metrics(local_root)
     assert m_s3 == m_local
     assert s3_root.read_bytes("eval", "student", "per_sample.csv") == local_root.read_bytes("eval", "student",
                                                                                               "per_sample.csv")

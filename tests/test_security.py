@@ -21,11 +21,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import fault_fixtures as ff
-from teach_fixtures import write_ramps
-
+from bench.kit.bad_inputs import tar_bytes
+from bench.kit.configs import dad_config
+from bench.kit.images import write_ramps
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.storage import Root
@@ -138,11 +136,11 @@ def test_tar_members_never_escape_and_nothing_is_extracted(tmp_path, media):
                ("hard.jpg", b"", tarfile.LNKTYPE, "/etc/passwd")]
     src = tmp_path / "src" / "deep"
     src.mkdir(parents=True)
-    (src / "hostile.tar").write_bytes(ff._tar(members))
+    (src / "hostile.tar").write_bytes(tar_bytes(members))
     (victim / "target.jpg").write_bytes(media.image_bytes(64, 64, "jpeg", seed=5))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     root = Root(str(tmp_path / "run"))
-    cfg = load_config(raw=ff.fault_raw(root.url, src / "hostile.tar"))
+    cfg = dad_config(root.url, src / "hostile.tar", preset="fault")
     summary = shard.run(cfg)
     assert summary["samples"] == 1
     rejects = {r["source_uri"].split("#", 1)[1]: r["reason"] for r in root.read_table("corpus", "rejects.parquet").to_pylist()}
@@ -239,7 +237,7 @@ def test_credentials_never_reach_logs_configs_markers_or_the_report(tmp_path, mo
     src = write_ramps(tmp_path / "src", 4, sizes=((64, 64),))
     root = tmp_path / "run"
     cfg_file = tmp_path / "run.toml"
-    cfg_file.write_text(load_config(raw=ff.fault_raw(root, src)).to_toml())
+    cfg_file.write_text(dad_config(root, src, preset="fault").to_toml())
     runner = CliRunner()
     outputs = {}
     for args in (["shard"], ["teach"], ["score"], ["status"], ["report"], ["config", "show"], ["teachers"]):

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
+from bench.kit.configs import dad_config
 from pipeline.images import decode_rgb, decode_trusted
-from pipeline.ledger import StaleConfigError
+from pipeline.lineage import StaleConfigError
 from pipeline.storage import Root
 from stages import shard
 
@@ -45,10 +45,8 @@ def _png(arr_or_img) -> bytes:
 
 
 def _cfg(root, sources, **sections):
-    raw = {"run": {"root": str(root)}, "corpus": {"sources": [str(s) for s in sources]}}
-    for sec, vals in sections.items():
-        raw.setdefault(sec, {}).update(vals)
-    return load_config(raw=raw)
+    """Only root, sources and `sections`: the product's defaults for everything else."""
+    return dad_config(root, sources, preset="bare", **sections)
 
 
 def _mem() -> str:

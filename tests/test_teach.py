@@ -15,24 +15,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from teach_fixtures import (
-    alive,
-    cache_arrays,
-    descendants,
-    subprocess_env,
-    teach_cfg,
-    tiny_hf_models,
-    tree_hashes,
-    write_ramps,
-)
+from teach_fixtures import alive, descendants, subprocess_env, tiny_hf_models, tree_hashes
 
+from bench.kit.configs import dad_config
+from bench.kit.images import write_ramps
+from bench.kit.teach import cache_arrays
 from pipeline.cache import ARRAYS, as_disparity, open_cache
 from pipeline.config import ConfigError
 from pipeline.corpus import manifest
+from pipeline.crops import global_input, local_inputs
 from pipeline.ledger import Ledger
 from pipeline.storage import Root
 from stages import shard, teach
-from stages.teachers import build_teacher, spec_for
+from stages.teachers import build_teacher, lineage_for, spec_for
 
 PX = {"adapter": "pixel", "model": "r+2g"}
 DAD = str(Path(sys.executable).with_name("dad"))
@@ -45,7 +40,7 @@ def ramps(tmp_path_factory):
 
 
 def sharded(tmp_path, ramps, teachers, name="root", **kw):
-    cfg = teach_cfg(tmp_path / name, ramps, teachers, **kw)
+    cfg = dad_config(tmp_path / name, ramps, teachers, preset="teach", **kw)
     shard.run(cfg)
     return cfg
 
@@ -77,7 +72,7 @@ def test_cache_layout_shapes_grid_and_attributes(tmp_path, ramps):
         assert files == [f"c/{s}/" + "/".join(["0"] * (len(shape) - 1)) for s in range(3)], name
 
     spec = spec_for("px", cfg.teachers["px"])
-    fp = teach.cell_fingerprint(cfg, spec.fingerprint)
+    fp = lineage_for(cfg).teach("px")
     attrs = group.attrs.asdict()
     assert attrs["teacher"] == spec.as_attrs()
     assert (attrs["output_space"], attrs["license"], attrs["fingerprint"], attrs["shard_size"]) == (
@@ -173,7 +168,7 @@ def test_invalid_pixels_are_masked_and_counted(tmp_path, ramps):
     for row in rows_of(cfg):
         i = row["row"]
         region = np.asarray(Image.open(io.BytesIO(_region_png(root, row))).convert("RGB"))
-        glob_in, _ = teach.sample_inputs(region, row["boxes"], c.global_size, c.patch)
+        glob_in = global_input(region, c.global_size)
         x = glob_in.astype(np.float32) / np.float32(255)
         expected_valid = ~((x[..., 0] < 0.3) | (x[..., 1] < 0.2) | (x[..., 2] > 0.9))
         assert 0 < expected_valid.sum() < expected_valid.size
@@ -207,7 +202,7 @@ def test_hf_teacher_through_the_stage_stores_its_predictions(tmp_path, ramps):
     root, c = Root(cfg.run.root), cfg.crops
     for row in rows_of(cfg)[:2]:
         region = np.asarray(Image.open(io.BytesIO(_region_png(root, row))).convert("RGB"))
-        glob_in, locs = teach.sample_inputs(region, row["boxes"], c.global_size, c.patch)
+        glob_in, locs = global_input(region, c.global_size), local_inputs(region, row["boxes"], c.patch)
         with torch.no_grad():
             g = teacher.predict(teach.to_tensor([glob_in])).numpy()[0]
             loc = teach.resample(teacher.predict(teach.to_tensor(locs)).numpy(), c.local_store)
@@ -237,7 +232,7 @@ def test_depth_space_teacher_stores_depth_and_converts_exactly(tmp_path, ramps):
     odd = np.array([2.0, 0.0, -1.0, np.nan, np.inf], np.float16)
     np.testing.assert_array_equal(as_disparity(odd, "metric_depth"), np.array([0.5, np.nan, np.nan, np.nan, 0], np.float32))
     with pytest.raises(ConfigError, match="affine"):
-        teach_cfg(tmp_path / "x", ramps, {"aff": {**PX, "output_space": "affine_depth"}})
+        dad_config(tmp_path / "x", ramps, {"aff": {**PX, "output_space": "affine_depth"}}, preset="teach")
 
 
 # -- adding and changing teachers ---------------------------------------------------------------
@@ -259,13 +254,14 @@ def test_adding_a_teacher_leaves_the_others_untouched(tmp_path, ramps):
     assert len(before) > 10
     time.sleep(0.02)  # mtimes would show any rewrite
 
-    both = teach_cfg(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "luma"}})
+    both = dad_config(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "luma"}}, preset="teach")
     summary = teach.run(both)  # all configured teachers
     assert (summary["cells"], summary["skipped"], summary["samples"]) == (3, 3, 5)
     assert _snapshot(root, "a") == before
     b_before = _snapshot(root, "b")
 
-    three = teach_cfg(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "luma"}, "c": {**PX, "model": "constant"}})
+    three = dad_config(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "luma"}, "c": {**PX, "model": "constant"}},
+                       preset="teach")
     summary = teach.run(three, teachers=["c"])  # only the new one
     assert (summary["teachers"], summary["cells"]) == (1, 3)
     assert _snapshot(root, "a") == before and _snapshot(root, "b") == b_before
@@ -280,13 +276,14 @@ def test_changing_one_teacher_redoes_only_it(tmp_path, ramps):
     teach.run(cfg)
     root = tmp_path / "root"
     a_before, b_before = _snapshot(root, "a"), _snapshot(root, "b")
-    old_fp = teach.cell_fingerprint(cfg, spec_for("b", cfg.teachers["b"]).fingerprint)
+    old_fp = lineage_for(cfg).teach("b")
     time.sleep(0.02)
 
-    changed = teach_cfg(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "constant"}})
-    new_fp = teach.cell_fingerprint(changed, spec_for("b", changed.teachers["b"]).fingerprint)
+    changed = dad_config(root, ramps, {"a": PX, "b": {"adapter": "pixel", "model": "constant"}}, preset="teach")
+    new_fp = lineage_for(changed).teach("b")
     assert new_fp != old_fp
-    assert [r["note"] for r in teach.status(changed, Root(str(root)))] == ["complete", "stale: settings changed"]
+    assert [r["note"] for r in teach.status(changed, Root(str(root)))] == [
+        "complete", "stale: made with other teacher settings: weights, input rule or output space"]
     summary = teach.run(changed)
     assert (summary["cells"], summary["skipped"]) == (3, 3)
     assert _snapshot(root, "a") == a_before
@@ -325,8 +322,8 @@ def test_ray_actor_pool_matches_inline(tmp_path, ramps, ray_session):
 @pytest.mark.timeout(420)
 def test_kill_9_mid_stage_then_rerun_gives_identical_cache(tmp_path):
     src = write_ramps(tmp_path / "src", 8)  # 4 shards of 2
-    slow = {"adapter": "teach_fixtures:SlowPixelTeacher", "model": "r+2g@0.6", "batch_size": 8, "num_cpus": 0.5}
-    cfg = teach_cfg(tmp_path / "killed", src, {"slow": slow}, executor="ray")
+    slow = {"adapter": "bench.kit.teach:SlowPixelTeacher", "model": "r+2g@0.6", "batch_size": 8, "num_cpus": 0.5}
+    cfg = dad_config(tmp_path / "killed", src, {"slow": slow}, preset="teach", executor="ray")
     shard.run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": "inline"})}))
     path = tmp_path / "killed.toml"
     path.write_text(cfg.to_toml())
@@ -367,7 +364,7 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_cache(tmp_path):
     assert len(done_after) == 4
     assert {n: done_after[n] for n in done_before} == done_before  # finished cells were not redone
 
-    clean = teach_cfg(tmp_path / "clean", src, {"slow": {**slow, "model": "r+2g@0"}})
+    clean = dad_config(tmp_path / "clean", src, {"slow": {**slow, "model": "r+2g@0"}}, preset="teach")
     shard.run(clean)
     teach.run(clean)
     got, want = cache_arrays(tmp_path / "killed", "slow"), cache_arrays(tmp_path / "clean", "slow")
@@ -379,8 +376,9 @@ def test_kill_9_mid_stage_then_rerun_gives_identical_cache(tmp_path):
 # -- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_lists_adapters_and_teachers_and_names_missing_teacher(tmp_path, ramps):
-    cfg = teach_cfg(tmp_path / "root", ramps, {"px": {**PX, "license": "CC0-1.0"},
-                                                 "deep": {**PX, "model": "luma", "output_space": "depth"}})
+    cfg = dad_config(tmp_path / "root", ramps, {"px": {**PX, "license": "CC0-1.0"},
+                                                "deep": {**PX, "model": "luma", "output_space": "depth"}},
+                     preset="teach")
     path = tmp_path / "run.toml"
     path.write_text(cfg.to_toml())
     env = {**subprocess_env(), "COLUMNS": "250"}

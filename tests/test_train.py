@@ -2,7 +2,7 @@
 --init-from, and the errors a user meets before any worker starts.
 
 One tiny cached run (15 colour-ramp images, 3 shards of 5, two `pixel` teachers) is built per module;
-each test trains on a copy. Training starts from `live.pt` (tests/train_fixtures.py: a tiny student
+each test trains on a copy. Training starts from `live.pt` (bench/kit/train.py: a tiny student
 whose output starts positive). Most tests use the inline executor; one default test runs real Ray
 Train with 2 workers; the subprocess kill -9 tests are marked slow.
 """
@@ -24,17 +24,15 @@ from train_fixtures import (
     batches_of,
     cached_run_with_student,
     copy_run,
-    live_student,
     mean_loss,
     restrict_selection,
     same_weights,
-    stream_for,
     train_config,
-    weights,
 )
 
 import stages.score
 import stages.train
+from bench.kit.train import live_student, stream_for, weights
 from pipeline.config import load_config
 from pipeline.storage import Root
 from student.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -1,18 +1,10 @@
-"""The five zero-shot benchmarks of the paper, read in the layout of Marigold's evaluation data.
+"""The five zero-shot benchmarks of the paper (NYUv2, KITTI, ETH3D, ScanNet, DIODE) in Marigold's layout.
 
-Why: DAD's eval configs are copies of Marigold's (REFERENCE.md §5.3, PAPER.md §6), so reading the
-same files with the same split lists, decoding, depth ranges and crops is what makes our numbers
-comparable. Source: `prs-eth/Marigold` `src/dataset/{nyu,kitti,eth3d,scannet,diode}_dataset.py`,
-`base_depth_dataset.py` and `data_split/*`. Each split line lists paths relative to the data root.
-
-Where the data comes from: Marigold's `script/download_eval_data.sh` (or the "Evaluation" part of
-its README) fetches the preprocessed sets as tar files: `nyuv2/nyu_labeled_extracted.tar`,
-`kitti/kitti_eigen_split_test.tar`, `eth3d/eth3d.tar`, `scannet/scannet_val_sampled_800_1.tar`,
-`diode/diode_val.tar`. Extract each (the loaders read plain folders via fsspec) and copy the
-matching split file from Marigold's `data_split/` into the folder, or pass it as `split_file` or
-as PATH. Originals: NYU Depth v2 (labeled .mat, Silberman et al.), KITTI depth-prediction
-annotated GT + raw sequences (cvlibs.net), ETH3D high-res multi-view DSLR depth (eth3d.net),
-ScanNet v2 val (scan-net.org, licence form), DIODE val (diode-dataset.org).
+Distill Any Depth evaluates on Marigold's test sets, so reading the same files with the same split lists,
+GT decoding, depth ranges and crops (`prs-eth/Marigold` `src/dataset/*_dataset.py`, `data_split/*`) is
+what makes the numbers comparable. The preprocessed tars come from Marigold's
+`script/download_eval_data.sh`; put the split file beside them or pass it as `split_file` or as PATH.
+Ranges, crops and splits: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """`open_dataset("kind:PATH")`: one entry point for every evaluation-set format.
 
-Why: configs name evaluation sets as strings (`eval.datasets = ["realeval:../shared/data/realeval",
-"nyu:/data/nyuv2/nyu_labeled_extracted.tar"]`, DESIGN.md §8), so the spec must say both the format
-and the location. Only the first ':' separates them, so PATH may itself be a URL (s3://…).
-Formats: REFERENCE.md §5.3 (Marigold's five test sets), realeval's manifest, a plain folder.
+Configs name evaluation sets as strings (`eval.datasets = ["nyu:/data/nyuv2/nyu_labeled_extracted.tar"]`),
+so a spec carries both the format and the location. Only the first ':' separates them, so PATH may itself
+be a URL (s3://…). Kinds: Marigold's five test sets, `realeval`, `folder`, `scenes` (docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The common record of every evaluation set, and the small readers the format loaders share.
 
-Why: the evaluation loop (pipeline/evalproto.py) must not care whether a sample came from NYUv2,
-KITTI, realeval or a user's folder. Each loader turns its format into `EvalSample`s whose `valid`
-mask already holds the dataset's depth range *and* its evaluation crop / mask, exactly as
-Marigold's `BaseDepthDataset._get_valid_mask` and subclasses build `valid_mask_raw`
-(REFERENCE.md §5.1 step 1, §5.3). Loading is lazy (one sample at a time) and the loaders are
-module-level functions bound with `functools.partial`, so a dataset pickles to Ray workers.
-
-Every path is a URL read with `fsspec.open` (local paths, s3://, memory://, …). A path through a
-`.tar` (`…/nyu_labeled_extracted.tar/test/x.png`) reads that member from the archive, so Marigold's
-evaluation tars work without extracting them (members may be stored with a './' prefix, as in
-Marigold's). RGB is decoded without EXIF rotation: the GT is aligned with the stored pixel order.
+The evaluation protocol (`student.evaluation`) must not care where a sample came from: each loader turns
+its format into `EvalSample`s whose `valid` mask already holds the dataset's depth range *and* its
+evaluation crop or mask, as Marigold's `_get_valid_mask` does. Loading is lazy and datasets pickle to Ray
+workers. Paths are fsspec URLs; a path through a `.tar` reads that member, so Marigold's evaluation tars
+need no extracting. RGB is decoded without EXIF rotation: the GT is aligned with the stored pixels.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Any folder of photographs with metric GT next to them: the user's own evaluation set.
 
-Why: a user with a few RGB-D captures should not have to write a split file. Layout: for each image
-`a/b/x.jpg` (jpg, jpeg, png, bmp, tif, tiff, webp) the GT is `a/b/x.npy` (float, metres) or
-`a/b/x.png` as a 16-bit single-channel PNG (millimetres, the Kinect/RealSense/NYU convention,
-divided by 1000). An 8-bit PNG of the same stem is the image, a 16-bit one the GT. Images without
-GT (or GT without image) are skipped and named with the reason (`EvalDataset.skipped_items`). GT ≤ 0 or non-finite is invalid; no crop; range (1e-5, inf) m as ETH3D.
-`family` is the first sub-folder under PATH (files directly in PATH get PATH's own name), so a
-folder per scene type gives per-family means as in realeval.
+For each image `a/b/x.jpg` (jpg, jpeg, png, bmp, tif, tiff, webp) the GT is `a/b/x.npy` (float, metres) or
+a 16-bit single-channel `a/b/x.png` (millimetres, divided by 1000); an 8-bit PNG of the same stem is the
+image. Unpaired files are skipped and named (`EvalDataset.skipped_items`). Valid: finite GT in (1e-5, inf)
+m, no crop. `family` is the first sub-folder under PATH, so a folder per scene type gives per-family means.
 """
 
 from __future__ import annotations

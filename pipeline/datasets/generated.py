@@ -1,15 +1,9 @@
 """Data that is generated, not downloaded: rendered scenes and scikit-image's bundled photographs.
 
-Corpus sources (in `corpus.sources`), deterministic and described entirely by the config:
-
-    "scenes:n=256,seed=100000,size=256"   n unlabeled rendered views, seeds seed … seed+n−1
-    "skimage:photos"                      the real photographs that ship inside scikit-image
-
-Evaluation sets (in `eval.datasets`): `"scenes:n=200,seed=900000,size=256"` renders held-out
-views with exact depth. Seed ranges keep training and evaluation apart: the zoo trains on seeds
-below 100000, the quickstart corpus uses 100000+, held-out evaluation 900000+.
-
-`stereo_motorcycle` is never used: it carries ground-truth disparity, so it is evaluation material.
+Corpus sources: `"scenes:n=256,seed=100000,size=256"` (n rendered views, seeds seed … seed+n−1) and
+`"skimage:photos"`. Evaluation set: `"scenes:n=200,seed=900000,size=256"`, held-out views with exact
+depth. Seed ranges keep training and evaluation apart: the zoo trains below 100000, the quickstart corpus
+uses 100000+, held-out evaluation 900000+. `stereo_motorcycle` (it has GT disparity) is never used.
 """
 
 from __future__ import annotations

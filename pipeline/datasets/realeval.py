@@ -1,10 +1,9 @@
 """The project's small real-photograph set: `manifest.csv` + `rgb/<id>.png` + `gt/<id>.npy`.
 
-Why: it is the only real GT this project ships (../shared/data/realeval, README there): 15 photos
-from Kinect, RealSense, KITTI LiDAR and Middlebury/KITTI-2015 stereo. GT is float32 depth in metres
-or stereo disparity in pixels (`gt_type` column), 0 = no measurement, so `valid = gt > 0`; no crop
-or range is applied (min_depth 0, max_depth inf). `family` is `group_family`, the unit the README
-averages over first. Use it for zero-shot evaluation only, never for training or tuning.
+15 photos from Kinect, RealSense, KITTI LiDAR and Middlebury/KITTI-2015 stereo, the only real GT the
+project evaluates on. GT is float32 depth in metres or stereo disparity in pixels (`gt_type` column),
+0 = no measurement, so `valid = gt > 0`; no crop or range is applied. `family` is `group_family`, the unit
+averaged over first. Use it for zero-shot evaluation only, never for training or tuning.
 """
 
 from __future__ import annotations

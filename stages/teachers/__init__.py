@@ -1,13 +1,10 @@
-"""Teachers: anything that maps RGB to a depth-like map, behind one small interface (DESIGN §5).
+"""Teachers: anything that maps RGB to a depth-like map, behind one small interface.
 
-    class Teacher:
-        spec: TeacherSpec                     # name, adapter, output space, input rule, licence, weights id
-        def predict(self, rgb): ...           # (B,3,H,W) float in [0,1] → (B,H,W) in spec.output_space
-
-Adapters are found by name: built-ins (`hf`, `checkpoint`, `pixel`, `diffusers`, `tflite`, `onnx`), installed plugins registered
-under the entry-point group `dad.teachers` (a third party ships a package whose pyproject declares
-`[project.entry-points."dad.teachers"] mine = "mypkg:MyTeacher"`), or a dotted `module:Class` path.
-An adapter class is constructed as `Adapter(name, TeacherCfg)`.
+A teacher has `spec: TeacherSpec` (name, adapter, output space, input rule, licence, weights identity →
+fingerprint) and `predict(rgb)`: (B,3,H,W) float in [0,1] → (B,H,W) in `spec.output_space`. Adapters are
+found by name: built-ins (`hf`, `checkpoint`, `pixel`, `diffusers`, `tflite`, `onnx`), plugins of the
+entry-point group `dad.teachers` (`[project.entry-points."dad.teachers"] mine = "mypkg:MyTeacher"`), or a
+dotted `module:Class` path. An adapter class is constructed as `Adapter(name, TeacherCfg)`.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DadConfig, TeacherCfg, fingerprint
+from pipeline.lineage import Lineage
 
 BUILTIN = {
     "hf": "stages.teachers.hf:HFTeacher",
@@ -101,6 +99,11 @@ def spec_for(name: str, tcfg: TeacherCfg) -> TeacherSpec:
     target = known.get(tcfg.adapter) or tcfg.adapter
     spec = _load_class(target, name).describe(name, tcfg)
     return flip_averaged(spec) if tcfg.flip_average else spec
+
+
+def lineage_for(cfg) -> Lineage:
+    """The run's lineage, each teacher described by its adapter (its weights hashed once, on first use)."""
+    return Lineage(cfg, spec_for)
 
 
 def flip_averaged(spec: TeacherSpec) -> TeacherSpec:

@@ -1,48 +1,11 @@
 """`diffusers` adapter: diffusion-based depth teachers (optional extra `diffusers`).
 
-Two variants, chosen by the `model` string:
-
-* **Marigold** (default): any `diffusers.MarigoldDepthPipeline` directory or hub id, e.g.
-  `prs-eth/marigold-depth-v1-1`. Run with ensemble size 1, the model's own number of denoising
-  steps (`default_denoising_steps` of its model_index.json), longest side `input_size` (default: the
-  model's `default_processing_resolution`; a multiple of the VAE factor, 8), and a fixed seed: every
-  image gets its own CPU generator seeded with `SEED`, so a target depends on the image only, not on
-  its batch neighbours or the device. The pipeline's `prediction_type` must match the declared space:
-  "depth" (affine-invariant depth in [0, 1]) → `output_space = "affine_depth"` together with
-  `affine_depth = "invert"`; "disparity" → `output_space = "disparity"`.
-
-* **GenPercept** (`model = "genpercept:<dir or hub id>"`): the one-step perception model of Xu et
-  al. ("What Matters When Repurposing Diffusion Models for General Dense Perception Tasks?",
-  github.com/aim-uofa/GenPercept, `genpercept_pipeline=True` path without a customised head), e.g. its
-  `genpercept-disparity` UNet. The location holds diffusers subfolders `unet/` (the GenPercept UNet,
-  4 input channels), `vae/`, `text_encoder/`, `tokenizer/` (from Stable Diffusion 2.1, which
-  GenPercept fine-tunes). Inference follows the reference `GenPerceptPipeline`: resize so the longest
-  side is `input_size` (default 768; bilinear, antialiased, no padding), scale to [-1, 1], encode with
-  the VAE (latent mean × 0.18215), one UNet call on the image latent with the empty-prompt embedding
-  at the timestep of GenPercept's DDIM scheduler (`hf_configs/scheduler_beta_1.0_1.0`: betas of 1,
-  v-prediction, so the prediction is x₀ = √ᾱ·x − √(1−ᾱ)·v = −v), decode, average the three channels,
-  clip to [-1, 1], map to [0, 1], resize back (bilinear, antialiased). The reference resizes the uint8
-  image; here the float image is resized (identical up to 8-bit rounding). The scheduler in the
-  directory, if any, is ignored, as the reference does. The DPT-head variants
-  (`genpercept-disparity-dpt-head`) need GenPercept's own model classes and are not supported.
-  Declare the output space of the weights you use: `disparity` for genpercept-disparity,
-  `affine_depth` (+ `affine_depth = "invert"`) for genpercept-depth.
-
-    [teachers.marigold]
-    adapter = "diffusers"
-    model = "prs-eth/marigold-depth-v1-1"
-    revision = "<commit sha>"
-    output_space = "affine_depth"
-    affine_depth = "invert"
-
-    [teachers.genpercept]
-    adapter = "diffusers"
-    model = "genpercept:/models/genpercept-disparity"   # unet/ vae/ text_encoder/ tokenizer/
-    output_space = "disparity"
-    prior = 0.3
-
-Weights identity: `hub:<id>@<revision>` for hub models; for a local directory a hash of every file
-under it (names and bytes; hidden files and folders such as `.cache` are skipped).
+* Marigold (default): a `MarigoldDepthPipeline` directory or hub id, run with ensemble size 1, the model's
+  own denoising steps and one seeded CPU generator per image, so a target depends on the image only. Its
+  `prediction_type` must match the space: "depth" → `affine_depth` with `affine_depth = "invert"`.
+* GenPercept (`model = "genpercept:<dir or hub id>"`, Xu et al., aim-uofa/GenPercept): one UNet call on the
+  image latent, as its reference `GenPerceptPipeline`; DPT-head variants are not supported.
+Weights identity: `hub:<id>@<revision>`, or a hash of every file of a local directory. Config: README.
 """
 
 from __future__ import annotations

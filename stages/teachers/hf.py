@@ -1,17 +1,10 @@
 """`hf` adapter: any transformers `AutoModelForDepthEstimation` (Depth Anything v1/v2, DPT/MiDaS,
 ZoeDepth, Depth Pro, …) from a hub id — pinned with a revision — or a local directory.
 
-The model's own image processor does the preprocessing (its resize rule, multiple of 14/32,
-mean/std), so a teacher sees exactly what its authors fed it; the prediction is resized back to the
-input size and returned in the configured output space (relative DA/DPT models predict disparity,
-ZoeDepth/Depth Pro metric depth — say so with `output_space`).
-
-    [teachers.dav2]
-    adapter = "hf"
-    model = "depth-anything/Depth-Anything-V2-Large-hf"   # or "org/name@<commit>", or a local dir
-    revision = "<commit sha>"                             # pin it: same id, same targets
-    output_space = "disparity"
-    license = "CC-BY-NC-4.0"
+The model's own image processor does the preprocessing (its resize rule, multiple of 14/32, mean/std), so
+a teacher sees exactly what its authors fed it; the prediction is resized back to the input size. Declare
+the output space: relative DA/DPT models predict disparity, ZoeDepth and Depth Pro metric depth. Config
+example: README, "Teachers".
 """
 
 from __future__ import annotations

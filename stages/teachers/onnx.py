@@ -1,20 +1,10 @@
-"""`onnx` adapter: any ONNX depth model, run by onnxruntime (cheap teachers on CPU nodes, CUDA if given a GPU).
+"""`onnx` adapter: any ONNX depth model, run by onnxruntime (CPU, or CUDA when given a GPU).
 
-Many depth models are published as ONNX exports, and `dad export` writes students in that form, so a
-student can teach the next round. As with `tflite`, what the file can say is read from it: the input's
-layout (NCHW or NHWC, found by its size-3 dimension), dtype, and which dimensions are fixed. A dynamic
-batch is run in one call, a fixed batch in chunks of that size; fixed H/W get each image resized to
-them (`resize = "stretch" | "letterbox"`, as tflite), dynamic H/W take the image as it is, or with its
-short side at `input_size` (sides multiples of 14) when set. The config says what the file cannot:
-`output_space`, `output_index`, and the normalization (`input_mean`/`input_std` on RGB in [0, 1]). An
-output that is not one map per image — (B,H,W), (B,1,H,W), or (B,H,W,1) for NHWC models — is refused.
-Threads: `torch_threads`, else the actor's `num_cpus`. Fingerprint: the file's sha256.
-
-    [teachers.student_v1]
-    adapter = "onnx"
-    model = "runs/demo/export/v1/model.onnx"
-    sha256 = "<64 hex digits>"
-    output_space = "disparity"
+`dad export` writes students in this form, so a student can teach the next round. What the file says is
+read from it (NCHW or NHWC, dtype, fixed or dynamic dimensions): a dynamic batch runs in one call; fixed
+H/W get each image resized (`resize = "stretch" | "letterbox"`); dynamic H/W take the image as it is, or
+at `input_size` (multiples of 14). The config gives `output_space`, `output_index`, `input_mean` and
+`input_std`. An output that is not one map per image is refused. Fingerprint: the file's sha256.
 """
 
 from __future__ import annotations

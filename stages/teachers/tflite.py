@@ -1,21 +1,10 @@
 """`tflite` adapter: any TensorFlow Lite depth model, run by its own runtime (LiteRT, `ai-edge-litert`).
 
-Everything the file can say is read from it: input shape, dtype and quantization (float32, or
-uint8/int8 with scale and zero point), and each output's quantization (quantized outputs are
-dequantized). The config says only what the file cannot: `output_space`, `output_index` of a
-multi-output model, and the input's normalization (`input_mean`/`input_std` on RGB in [0, 1]).
-
-Mobile exports have a fixed input shape and batch 1 (resizing the input tensor fails in XNNPACK), so
-each image is resized to the model's size — `resize = "stretch"` (default) or `"letterbox"` (aspect
-kept, edges replicated into the margin, the margin cut from the output) — the batch is looped, and
-the output is resized back. Stretch won on realeval for PyDNet v2 (README, "Teachers"). Threads per
-interpreter: `torch_threads`, else the actor's `num_cpus`. Fingerprint: the file's sha256.
-
-    [teachers.pydnet]
-    adapter = "tflite"
-    model = "https://github.com/Suraj520/OMA/raw/a7c85e5…/ARPydnet/app/src/main/assets/pydnet_v2_half_float16.tflite"
-    sha256 = "e96ce0fec7ef75c225998bbd8635ffeebe410d4d193695c9ccd8f794c493b40c"
-    output_space = "disparity"
+Input shape, dtype and (de)quantization are read from the file; the config gives `output_space`,
+`output_index` and `input_mean`/`input_std`. Mobile exports have a fixed input and batch 1, so each image
+is resized to the model's size — `resize = "stretch"` (default; it won on realeval for PyDNet v2) or
+`"letterbox"` — the batch is looped and the output resized back. Threads: `torch_threads`, else the
+actor's `num_cpus`. Fingerprint: the file's sha256. Config example: README, "Teachers".
 """
 
 from __future__ import annotations

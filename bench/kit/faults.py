@@ -1,5 +1,4 @@
-"""Fault-injection helpers (issue #9), shared by tests/test_faults.py, test_security.py, test_s3.py and
-bench/faults.py.
+"""Fault-injection machinery (issue #9), shared by tests/test_faults.py and bench/faults.py.
 
 * `Zygote` — a multiprocessing *forkserver* that has imported the stages once; each stage run is a
   forked child that starts in milliseconds (a fresh `dad` process costs ~30 s of imports on a busy
@@ -14,7 +13,7 @@ bench/faults.py.
   samples duplicated and outputs differing.
 * `kill_trial` — copy a prepared root, run the stage, SIGKILL it at a moment, rerun it to completion,
   and compare with the clean outputs.
-* `bad_corpus` — a folder (+ tars) with ≥ 12 kinds of bad corpus files and what must happen to each.
+* `RegisteringTeacher`, `make_registry` — a teach actor that hands its handle over, to be `ray.kill`ed.
 """
 
 from __future__ import annotations
@@ -31,13 +30,10 @@ import sys
 import tarfile
 import time
 import traceback
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 STAGES = ("shard", "teach", "score", "train")
 STAGE_CELLS = {  # where a stage's per-cell progress shows (a file appearing there = one cell done)
@@ -49,36 +45,20 @@ STAGE_CELLS = {  # where a stage's per-cell progress shows (a file appearing the
 TMP_MARKERS = (".tmp-", ".partial")  # temporary names of atomic writes (a SIGKILL can leave them behind)
 
 
-# -- the run used by the fault tests --------------------------------------------------------------
-
-def fault_raw(root, sources, shard_size: int = 2, steps: int = 4, executor: str = "inline", **extra) -> dict:
-    """A tiny run: 64² ramps, crops 56/42/56/28, two pixel teachers, a tiny student, few steps."""
-    from train_fixtures import raw_config
-
-    raw = raw_config(root, sources, shard_size=shard_size, executor=executor,
-                     train={"steps": steps, "checkpoint_every": 1, "log_every": 1, "prefetch": 0})
-    for sec, vals in extra.items():
-        raw.setdefault(sec, {}).update(vals)
-    return raw
-
+# -- the run used by the fault tests (configs' "fault" preset) -----------------------------------------
 
 def with_root(raw: dict, root) -> dict:
+    """A deep copy of `raw` with another run root: the same run on a copied root."""
     out = json.loads(json.dumps(raw))
     out["run"]["root"] = str(root)
     return out
-
-
-def write_sources(folder: Path, n: int = 6, size=(64, 64)) -> Path:
-    from teach_fixtures import write_ramps
-
-    return write_ramps(Path(folder), n, sizes=(size,))
 
 
 # -- forked stage runs ------------------------------------------------------------------------------
 
 # Imported once in the forkserver (nothing is *run* there: no zarr event loop, no torch threads), so a
 # forked child starts with every stage loaded.
-PRELOAD = ["fault_fixtures", "train_fixtures", "stages.shard", "stages.teach", "stages.score", "stages.train",
+PRELOAD = ["bench.kit.faults", "bench.kit.train", "stages.shard", "stages.teach", "stages.score", "stages.train",
            "student.checkpoint", "student.model", "student.trainer", "pipeline.plots", "pipeline.cli", "timm"]
 
 
@@ -160,6 +140,7 @@ class Zygote:
 
 
 def read_result(result: Path) -> dict:
+    """The child's record; a child killed before writing it reads as failed."""
     try:
         return json.loads(Path(result).read_text())
     except FileNotFoundError:
@@ -167,6 +148,7 @@ def read_result(result: Path) -> dict:
 
 
 def read_log(result: Path) -> str:
+    """What the child printed and logged (its stdout and stderr go to one file)."""
     try:
         return Path(str(result) + ".log").read_text(errors="replace")
     except FileNotFoundError:
@@ -187,21 +169,26 @@ def zygote() -> Zygote:
 # -- what a stage outputs, and how two runs compare ------------------------------------------------
 
 def _digest(data: bytes) -> str:
+    """sha256 hex: outputs compare by content."""
     return hashlib.sha256(data).hexdigest()
 
 
 def _table_digest(root, *parts: str) -> str:
+    """Digest of a parquet table's rows, not its bytes (parquet metadata may differ between writers)."""
     return _digest(json.dumps(root.read_table(*parts).to_pylist(), sort_keys=True, default=str).encode())
 
 
 @dataclass
 class Outputs:
+    """What one run of a stage left: compared with an uninterrupted run's by `compare`."""
+
     digests: dict[str, str] = field(default_factory=dict)   # output name → digest of its content
     units: list[str] = field(default_factory=list)          # sample units produced (with repeats)
     stray: list[str] = field(default_factory=list)          # temporary files a kill left behind
 
 
 def stray_files(path: Path) -> list[str]:
+    """Temporary files of atomic writes under path: a kill may leave them, a rerun must not mind."""
     path = Path(path)
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")
                   if p.is_file() and any(m in p.name for m in TMP_MARKERS))
@@ -230,11 +217,11 @@ def outputs(raw: dict, stage: str) -> Outputs:
                 "\n".join(root.read_table("corpus", "manifest.parquet").column("sample_id").to_pylist()).encode())
     elif stage == "teach":
         from pipeline.cache import ARRAYS, open_cache
-        from stages.teach import cell_fingerprint
-        from stages.teachers import spec_for
+        from stages.teachers import lineage_for
 
-        for name, tcfg in cfg.teachers.items():
-            fp = cell_fingerprint(cfg, spec_for(name, tcfg).fingerprint)
+        lineage = lineage_for(cfg)
+        for name in cfg.teachers:
+            fp = lineage.teach(name)
             group = open_cache(root, name)
             arrays = {a: group[a][...] for a in ARRAYS}
             for a, arr in arrays.items():
@@ -260,7 +247,7 @@ def outputs(raw: dict, stage: str) -> Outputs:
     elif stage == "train":
         name = cfg.train.name
         if root.exists("train", name, "model.pt"):
-            from train_fixtures import weights
+            from bench.kit.train import weights
 
             for k, v in weights(root.uri("train", name, "model.pt")).items():
                 out.digests[f"model.pt:{k}"] = _digest(v.numpy().tobytes())
@@ -283,6 +270,8 @@ def outputs(raw: dict, stage: str) -> Outputs:
 
 @dataclass
 class Comparison:
+    """Samples lost or duplicated and outputs differing between two runs (and the kill's stray files)."""
+
     lost: int
     duplicated: int
     differing: list[str]
@@ -294,6 +283,7 @@ class Comparison:
 
 
 def compare(clean: Outputs, got: Outputs) -> Comparison:
+    """How `got` differs from the uninterrupted run `clean`: units counted with repeats, digests by name."""
     from collections import Counter
 
     want, have = Counter(clean.units), Counter(got.units)
@@ -307,6 +297,7 @@ def compare(clean: Outputs, got: Outputs) -> Comparison:
 # -- one kill trial ---------------------------------------------------------------------------------
 
 def cells_done(root: Path, stage: str) -> int:
+    """How many cells of `stage` are done under root (finished files where its progress shows)."""
     base = Path(root).joinpath(*STAGE_CELLS[stage])
     if not base.exists():
         return 0
@@ -315,6 +306,8 @@ def cells_done(root: Path, stage: str) -> int:
 
 @dataclass
 class Trial:
+    """One kill trial: where the kill landed, whether the rerun finished, and how it compares."""
+
     stage: str
     kill_after: float | None          # seconds after start, or None: "when the first cell is done"
     killed_running: bool              # the stage was still running when SIGKILL arrived
@@ -355,6 +348,8 @@ def kill_trial(z: Zygote, stage: str, base: Path, trial: Path, raw: dict, clean:
 
 @dataclass
 class Bases:
+    """Roots prepared once for the kill trials: one per stage, with the stages before it done."""
+
     before: dict[str, Path]      # stage → a root with every stage before it done
     done: Path                   # the uninterrupted run every trial is compared with
     seconds: dict[str, float]    # stage → wall-clock of its clean run (a forked child)
@@ -382,141 +377,18 @@ def prepare_bases(z: Zygote, work: Path, raw: dict, stages: tuple[str, ...] = ST
     return Bases(before, current, seconds)
 
 
-# -- bad corpus files ---------------------------------------------------------------------------------
-
-def _png(arr_or_img) -> bytes:
-    from PIL import Image
-
-    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(members: list[tuple]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data, *rest in members:
-            info = tarfile.TarInfo(name)
-            info.type = rest[0] if rest else tarfile.REGTYPE
-            info.linkname = rest[1] if len(rest) > 1 else ""
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data) if data else None)
-    return buf.getvalue()
-
-
-@dataclass
-class BadFile:
-    kind: str          # what is wrong with it
-    uri: str           # how it appears in manifest/rejects (folder path, or tar#member)
-    expect: str        # "reject" | "sample"
-    reason: str = ""   # for rejects: the reason must start with this
-
-
-def bad_corpus(folder: Path) -> tuple[Path, list[BadFile]]:
-    """A corpus folder with every kind of bad input we know of, and what must become of each."""
-    from conftest import exif_jpeg, image_array, image_bytes, png_bomb
-    from PIL import Image
-
-    d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    files: list[BadFile] = []
-
-    def put(name: str, data: bytes, kind: str, expect: str, reason: str = "") -> None:
-        (d / name).write_bytes(data)
-        files.append(BadFile(kind, str(d / name), expect, reason))
-
-    good = image_bytes(96, 72, "jpeg", seed=901)
-    put("good.jpg", good, "a good image", "sample")
-    put("truncated.jpg", image_bytes(300, 200, "jpeg", seed=902)[:2500], "truncated JPEG", "reject",
-        "truncated or corrupt image data")
-    put("truncated.png", image_bytes(120, 90, "png", seed=903)[:400], "truncated PNG", "reject",
-        "truncated or corrupt image data")
-    put("zero.png", b"", "zero bytes", "reject", "zero bytes")
-    put("text.jpg", b"<html>not an image</html>\n" * 20, "not an image", "reject", "not an image")
-    put("bomb.png", png_bomb(), "decompression bomb (20000² 1-bit PNG)", "reject", "too many pixels")
-    buf = io.BytesIO()
-    Image.fromarray(image_array(80, 64, seed=904)).convert("CMYK").save(buf, format="JPEG", quality=95)
-    put("cmyk.jpg", buf.getvalue(), "CMYK JPEG", "sample")
-    put("gray16.png", _png(Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16))),
-        "16-bit grayscale PNG", "sample")
-    put("gray.png", _png(image_array(70, 50, seed=905)[..., 1]), "8-bit grayscale", "sample")
-    halves = np.zeros((64, 96, 3), np.uint8)
-    halves[:, 48:] = 255
-    put("exif6.jpg", exif_jpeg(halves, 6), "EXIF-rotated (orientation 6)", "sample")
-    bad_exif = bytearray(exif_jpeg(halves + 1, 3))
-    i = bad_exif.find(b"Exif\x00\x00")
-    bad_exif[i + 10:i + 14] = b"\xff\xff\xff\x7f"  # the EXIF IFD offset points past the end
-    put("badexif.jpg", bytes(bad_exif), "garbled EXIF block", "sample")
-    put("one.png", _png(np.full((1, 1, 3), 7, np.uint8)), "1×1 image", "reject", "too small")
-    put("aspect.png", _png(np.full((40, 400, 3), 90, np.uint8)), "extreme aspect ratio (10:1)", "reject",
-        "extreme aspect ratio")
-    pal = Image.fromarray(image_array(64, 64, seed=906)).convert("P", palette=Image.ADAPTIVE)
-    pal.info["transparency"] = 0
-    put("palette.png", _png(pal), "palette PNG with transparency", "sample")
-    float_tif = io.BytesIO()
-    Image.fromarray(np.linspace(-5, 9, 64 * 64, dtype=np.float32).reshape(64, 64)).save(float_tif, format="TIFF")
-    put("float.tif", float_tif.getvalue(), "32-bit float TIFF", "sample")
-    put("png_named.jpg", image_bytes(64, 64, "png", seed=907), "PNG bytes with a .jpg name", "sample")
-    put("z_dup.jpg", good, "duplicate of good.jpg", "reject", "duplicate of")
-    put("odd name #1 é.jpg", image_bytes(64, 64, "jpeg", seed=908), "file name with '#', spaces, non-ASCII",
-        "sample")
-    put("notes.txt", b"a text file", "not an image extension", "reject", "not an image extension")
-    header_bomb = bytearray(_png(np.zeros((64, 64, 3), np.uint8)))
-    header_bomb[16:24] = (200_000).to_bytes(4, "big") + (200_000).to_bytes(4, "big")  # IHDR says 200000²
-    header_bomb[29:33] = zlib.crc32(bytes(header_bomb[12:29])).to_bytes(4, "big")
-    put("header_bomb.png", bytes(header_bomb), "PNG header claiming 200000² px (small file)", "reject",
-        "too many pixels")
-
-    # tars: hostile members, a corrupt tar, a truncated tar
-    t_ok = image_bytes(64, 64, "jpeg", seed=910)
-    tar = d / "members.tar"
-    tar.write_bytes(_tar([("ok.jpg", t_ok), ("../escape.jpg", image_bytes(64, 64, "jpeg", seed=911)),
-                          ("/abs/path.jpg", image_bytes(64, 64, "jpeg", seed=912)),
-                          ("sym.jpg", b"", tarfile.SYMTYPE, "/etc/passwd"),
-                          ("hard.jpg", b"", tarfile.LNKTYPE, "ok.jpg"),
-                          ("dev.jpg", b"", tarfile.CHRTYPE),
-                          ("z_dupe.jpg", t_ok)]))
-    files += [BadFile("tar member (good)", f"{tar}#ok.jpg", "sample"),
-              BadFile("tar member with ../", f"{tar}#../escape.jpg", "reject", "tar member escapes its folder"),
-              BadFile("tar member with an absolute path", f"{tar}#/abs/path.jpg", "reject",
-                      "tar member has an absolute path"),
-              BadFile("tar symlink member", f"{tar}#sym.jpg", "reject", "tar member is a link"),
-              BadFile("tar hard-link member", f"{tar}#hard.jpg", "reject", "tar member is a link"),
-              BadFile("tar device member", f"{tar}#dev.jpg", "reject", "tar member is not a regular file"),
-              BadFile("tar member duplicating another", f"{tar}#z_dupe.jpg", "reject", "duplicate of")]
-    (d / "corrupt.tar").write_bytes(np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    files.append(BadFile("corrupt tar", str(d / "corrupt.tar"), "reject", "corrupt tar"))
-    t1 = image_bytes(64, 64, "jpeg", seed=913)
-    whole = _tar([("t1.jpg", t1), ("t2.png", image_bytes(200, 200, "png", seed=914))])
-    t2_data = 512 + -(-len(t1) // 512) * 512 + 512  # t1's header and padded data, t2's header
-    (d / "truncated.tar").write_bytes(whole[:t2_data + 700])  # t2's data cut short
-    files += [BadFile("member before a tar's truncation", f"{d / 'truncated.tar'}#t1.jpg", "sample"),
-              BadFile("truncated tar", str(d / "truncated.tar"), "reject", "corrupt tar")]
-    return d, files
-
-
-def corrupt_bytes(path: Path, offset_fraction: float = 0.5, count: int = 8) -> None:
-    """Flip `count` bytes in the middle of a file (same size: only a checksum can tell)."""
-    data = bytearray(Path(path).read_bytes())
-    i = int(len(data) * offset_fraction)
-    for j in range(i, min(i + count, len(data))):
-        data[j] ^= 0x5A
-    Path(path).write_bytes(bytes(data))
-
-
 # -- dead workers ---------------------------------------------------------------------------------------
 
 REGISTRY = "dad-fault-registry"
 
 
 class RegisteringTeacher:
-    """`adapter = "fault_fixtures:RegisteringTeacher"`, `model = "r+2g@0.4"`: the slow pixel teacher that,
+    """`adapter = "bench.kit.faults:RegisteringTeacher"`, `model = "r+2g@0.4"`: the slow pixel teacher that,
     when built inside a Ray actor, hands its actor handle to the named actor `dad-fault-registry` (so a
     test can `ray.kill` it). Its spec (fingerprint) is the plain r+2g function's: results compare 1:1."""
 
     def __new__(cls, name, tcfg):
-        from teach_fixtures import SlowPixelTeacher
+        from bench.kit.teach import SlowPixelTeacher
 
         teacher = SlowPixelTeacher(name, tcfg)
         try:
@@ -533,7 +405,7 @@ class RegisteringTeacher:
 
     @classmethod
     def describe(cls, name, tcfg):
-        from teach_fixtures import SlowPixelTeacher
+        from bench.kit.teach import SlowPixelTeacher
 
         return SlowPixelTeacher.describe(name, tcfg)
 
@@ -554,122 +426,3 @@ def make_registry():
             return self.handles
 
     return Registry.options(name=REGISTRY).remote()
-
-
-# -- object storage ---------------------------------------------------------------------------------------
-
-S3_CREDS = {"AWS_ACCESS_KEY_ID": "AKIAS3FAULTSUITE01", "AWS_SECRET_ACCESS_KEY": "S3/FaultSuite+SecretKey/0042",
-            "AWS_SESSION_TOKEN": "FwoS3FaultSuiteSessionToken"}
-
-
-@contextlib.contextmanager
-def moto_s3(bucket: str = "dad-faults"):
-    """moto's S3 server on a free 127.0.0.1 port, the AWS environment pointing at it (restored after),
-    and `bucket` created. Yields an s3fs filesystem. s3fs takes the endpoint from AWS_ENDPOINT_URL."""
-    import logging
-    import socket
-
-    import fsspec
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {**S3_CREDS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(bucket)
-        yield fs
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
-
-def write_evalset(folder: Path, n: int = 2) -> str:
-    """A tiny `folder:` evaluation set (28×42 RGB + depth .npy); returns its spec."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        rgb = np.random.default_rng(i).integers(0, 255, (28, 42, 3), dtype=np.uint8)
-        Image.fromarray(rgb).save(folder / f"{i}.png")
-        np.save(folder / f"{i}.npy", np.linspace(1, 3, 28 * 42, dtype=np.float32).reshape(28, 42))
-    return f"folder:{folder}"
-
-
-def run_pipeline(raw: dict, dataset: str) -> dict:
-    """shard → teach → score → train → eval (checkpoint model.pt, eval name 'student'), in this process."""
-    import stages.evaluate
-    import stages.score
-    import stages.shard
-    import stages.teach
-    import stages.train
-    from pipeline.config import load_config
-
-    cfg = load_config(raw=raw)
-    out = {name: getattr(stages, name).run(cfg) for name in STAGES}
-    ckpt = f"{cfg.run.root}/train/{cfg.train.name}/model.pt"
-    out["eval"] = stages.evaluate.run(cfg, checkpoint=ckpt, datasets=[dataset], name="student")
-    return out
-
-
-def eval_metrics(root) -> dict:
-    """eval/student/metrics.json without what may differ between roots (timings, the checkpoint URL)."""
-    m = json.loads(root.read_bytes("eval", "student", "metrics.json"))
-    m.pop("seconds", None)
-    m["model"] = None
-    for d in m["datasets"].values():
-        d.pop("seconds", None)
-    return m
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def node_port_args(index: int) -> list[str]:
-    """`ray start` options giving a node its own ports. Two nodes on one host started together otherwise
-    race for the same default ports (a worker raylet died with 'bind: Address already in use') — and
-    other clusters on this shared machine hold the defaults too."""
-    agent, grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(6)
-    lo = 20000 + 1000 * index
-    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-            f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 999}"]
-
-
-def start_cluster(cluster, workers: int = 2) -> None:
-    """tests/test_cluster.py's `Cluster.up`, with distinct ports per node and workers started one by one."""
-    import json as _json
-
-    cluster.start("--head", f"--port={cluster.port}", "--num-cpus=1", f"--temp-dir={cluster.temp}",
-                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dash}",
-                  "--disable-usage-stats", *node_port_args(0))
-    cluster.wait_nodes(1)
-    for i in range(workers):
-        cluster.start(f"--address=127.0.0.1:{cluster.port}", "--num-cpus=1",
-                      f"--resources={_json.dumps({'teacher_slot': 1, f'worker_{i}': 1})}", *node_port_args(i + 1))
-        cluster.wait_nodes(2 + i)
