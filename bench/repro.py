@@ -450,8 +450,10 @@ class Experiment:
             self._selection[arm.corpus] = _selection_key(cfg)
         t0 = time.time()
         res = train.run(cfg)
-        train_s = time.time() - t0
         name, run_dir = cfg.train.name, self.root_of(arm.corpus) / "train" / cfg.train.name
+        # a reused run: the training time recorded when it ran (summary.json), not this call's 0 s
+        train_s = json.loads((run_dir / "summary.json").read_text())["seconds"] if res.get("skipped") \
+            else time.time() - t0
         key = {"train": lineage_for(cfg).train, "steps": cfg.train.steps, "datasets": self.datasets}
         t1 = time.time()
         cache_name = name if arm.corpus == "photos" else f"hires-{name}"
@@ -543,6 +545,7 @@ def _experiment(quick, seeds, steps, root, arms, out, report, sizes, finished_on
     cfg = exp.config()
     results = {
         "mode": mode, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": round(time.time() - t_start, 1),
+        "train_seconds_total": round(sum(r["train_seconds"] for r in runs), 1),
         "machine": machine, "root": str(root_dir), "sizes": asdict(sizes), "seeds": exp.seeds,
         "datasets": datasets, "dataset_labels": labels, "metric": METRIC, "protocol": {
             "setting": str(SETTING.relative_to(REPO)), "align": "inverse_depth", "resolution": cfg.eval.resolution,
@@ -604,7 +607,8 @@ def render_text(results: dict) -> str:
     parts = [(f"## The paper's ablations with real teachers ({results['mode']}, {len(results['seeds'])} seed(s), "
               f"{results['sizes']['steps']} steps × batch {results['sizes']['batch']})"), "",
              (f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}), wall time "
-              f"{results['wall_seconds'] / 60:.1f} min."), ""]
+              f"{results['wall_seconds'] / 60:.1f} min; training of all runs, as recorded when each ran: "
+              f"{results.get('train_seconds_total', 0) / 3600:.1f} h."), ""]
     parts += [x for t in _doc_tables(results) for x in (markdown_table(t), "")]
     for ds, t in results["tally"].items():
         parts.append(f"{results['dataset_labels'][ds]}: " + ", ".join(f"{v} {n}" for v, n in t.items())
