@@ -22,6 +22,7 @@ import student.data as data_mod
 from bench.kit.configs import dad_config
 from bench.kit.images import write_photos
 from bench.kit.train import stream_for
+from pipeline.cache import CacheReader
 from student.data import EpochPlan
 
 SETTINGS = {  # name → photo sizes, crops, corpus
@@ -32,9 +33,9 @@ SETTINGS = {  # name → photo sizes, crops, corpus
               "crops": {"min_region": 644, "patch": 560, "local_count": 4, "global_size": 560, "local_store": 392},
               "corpus": {"image_format": "jpeg", "max_region": 1024}},
 }
-PARTS = {  # part → (module attribute of student.data wrapped with a CPU timer)
+PARTS = {  # part → the attribute(s) wrapped with a CPU timer: of student.data, or "CacheReader.<method>"
     "tar read": "iter_shard", "jpeg decode": "decode_trusted", "resize to G×G": "global_input",
-    "zarr reads": ("read_targets", "read_target_span"), "jitter": "jitter", "collate": "collate"}
+    "zarr reads": ("CacheReader.rows", "CacheReader.span"), "jitter": "jitter", "collate": "collate"}
 
 
 def _build(folder: Path, name: str, n: int):
@@ -62,8 +63,8 @@ class _Orthogonal(data_mod.ShardTargets):
     """The read as it was: every batch reads its rows with one orthogonal selection per array."""
 
     def read(self, rows):
-        return data_mod._values_and_masks(self.group, rows,
-                                          lambda arr: arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+        return self.reader.values_and_masks(
+            rows, lambda arr: arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
 
 
 @contextlib.contextmanager
@@ -82,7 +83,8 @@ def _timed_parts(acc: dict[str, float]):
     saved = {}
     for part, names in PARTS.items():
         for name in (names if isinstance(names, tuple) else (names,)):
-            fn = saved[name] = getattr(data_mod, name)
+            owner, attr = (CacheReader, name.split(".")[1]) if name.startswith("CacheReader.") else (data_mod, name)
+            fn = saved[name] = getattr(owner, attr)
 
             def timed(*a, _fn=fn, _part=part, **k):
                 t0 = time.process_time()
@@ -93,12 +95,13 @@ def _timed_parts(acc: dict[str, float]):
                     return out
                 finally:
                     acc[_part] = acc.get(_part, 0.0) + time.process_time() - t0
-            setattr(data_mod, name, timed)
+            setattr(owner, attr, timed)
     try:
         yield
     finally:
         for name, fn in saved.items():
-            setattr(data_mod, name, fn)
+            owner, attr = (CacheReader, name.split(".")[1]) if name.startswith("CacheReader.") else (data_mod, name)
+            setattr(owner, attr, fn)
 
 
 def _epoch(cfg, profile: dict | None = None) -> tuple[list[dict], float, int]:

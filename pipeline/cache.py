@@ -173,6 +173,59 @@ def open_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     return {name: group[name] for name in ARRAYS}
 
 
+# Cache layouts whose validity masks are exactly "the stored value is finite" (`write_shard` stores NaN
+# wherever a pixel is invalid and re-checks finiteness after the float16 cast).
+MASK_IS_FINITE_LAYOUTS = {None, 1, 2}
+
+
+class CacheReader:
+    """A teacher's cache opened for reading once: its arrays (each `group[name]` re-reads metadata from the
+    store, which costs more than the data at small sizes) and, for known layouts, masks derived from the
+    values (half the reads, the same result). Usable wherever a group is (`read_rows(reader, rows)`)."""
+
+    def __init__(self, group: zarr.Group):
+        self.attrs, self.store, self._arrays = group.attrs, group.store, open_arrays(group)
+        self.masks_implied = group.attrs.get("cache_layout") in MASK_IS_FINITE_LAYOUTS
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self._arrays[name]
+
+    def rows(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """The four arrays of `rows`, one basic slice per row (an orthogonal selection over a sharded array
+        costs ~4× more per row)."""
+        if not self.masks_implied:
+            return read_rows(self, rows)
+        return self.values_and_masks(rows, lambda arr: np.stack([arr[int(r)] for r in rows]))
+
+    def span(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows lo … hi − 1 in one slice per array: ~1.2 ms a row at the quickstart's sizes, against ~4 ms for
+        a row read alone (the cost of a Zarr read is per call)."""
+        if not self.masks_implied:
+            return read_rows(self, list(range(lo, hi)))
+        return self.values_and_masks(range(lo, hi), lambda arr: arr[lo:hi])
+
+    def values_and_masks(self, rows, read) -> dict[str, np.ndarray]:
+        """`read(array)` of the two value arrays, and the masks they imply."""
+        out = {}
+        for name in ("global", "local"):
+            try:
+                out[name] = read(self[name])
+            except Exception as err:  # noqa: BLE001 - whatever the codec raised, the cause is the stored bytes
+                raise _undecodable(self, name, rows, err) from err
+        return {**out, "global_valid": np.isfinite(out["global"]), "local_valid": np.isfinite(out["local"])}
+
+
+def _undecodable(group, name: str, rows, err: Exception) -> CacheCorruptError:
+    """The one message for stored bytes that do not decode: the teacher, the corpus shards, the repair."""
+    teacher = str(group.attrs.get("teacher", {}).get("name", group.store))
+    size = int(group.attrs.get("shard_size") or group[name].shards[0])
+    shards = sorted({int(r) // size for r in rows})
+    return CacheCorruptError(
+        f"cached targets of teacher {teacher!r} ({name}, corpus shard(s) {shards}) cannot be decoded: "
+        f"{type(err).__name__}: {err}. The cache is corrupt; recompute it with "
+        f"`dad teach --verify --teacher {teacher}`")
+
+
 def read_rows(group: zarr.Group, rows: list[int] | np.ndarray) -> dict[str, np.ndarray]:
     """Read the four arrays for the given slots (orthogonal selection: only those chunks).
 
@@ -184,13 +237,7 @@ def read_rows(group: zarr.Group, rows: list[int] | np.ndarray) -> dict[str, np.n
         try:
             out[name] = group[name].get_orthogonal_selection((rows,))
         except Exception as err:  # noqa: BLE001 - whatever the codec raised, the cause is the stored bytes
-            teacher = str(group.attrs.get("teacher", {}).get("name", group.store))
-            size = int(group.attrs.get("shard_size") or group[name].shards[0])
-            shards = sorted({int(r) // size for r in rows})
-            raise CacheCorruptError(
-                f"cached targets of teacher {teacher!r} ({name}, corpus shard(s) {shards}) cannot be decoded: "
-                f"{type(err).__name__}: {err}. The cache is corrupt; recompute it with "
-                f"`dad teach --verify --teacher {teacher}`") from err
+            raise _undecodable(group, name, rows, err) from err
     return out
 
 

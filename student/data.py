@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache import as_disparity, open_cache, read_rows
+from pipeline.cache import CacheReader, as_disparity, open_cache
 from pipeline.corpus import iter_shard
 from pipeline.crops import global_input
 from pipeline.images import decode_trusted
@@ -92,57 +92,6 @@ def draw_teacher(probs: np.ndarray, seed: int, epoch: int, row: int) -> int:
     return int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), len(probs) - 1))
 
 
-class _OpenGroup:
-    """A teacher's cache group with its arrays opened once: `group[name]` re-reads the array's
-    metadata on every call, which cost more than the sample data at small sizes."""
-
-    def __init__(self, group):
-        from pipeline.cache import ARRAYS
-
-        self._group, self.attrs, self.store = group, group.attrs, group.store
-        self._arrays = {name: group[name] for name in ARRAYS}
-
-    def __getitem__(self, name: str):
-        return self._arrays[name] if name in self._arrays else self._group[name]
-
-
-# Cache layouts whose validity masks are exactly "the stored value is finite" (pipeline/cache.py
-# `write_shard` stores NaN wherever a pixel is invalid and re-checks finiteness after the float16 cast).
-MASK_IS_FINITE_LAYOUTS = {None, 1, 2}
-
-
-def read_targets(group, rows: list[int]) -> dict[str, np.ndarray]:
-    """The four cached arrays of `rows`, one basic slice per row (Zarr's orthogonal selection over a
-    sharded array costs ~4× more per row). Where the masks are implied by the values (known layouts),
-    only the two value arrays are read and the masks derived: half the Zarr reads, the same result."""
-    if group.attrs.get("cache_layout") not in MASK_IS_FINITE_LAYOUTS:
-        return read_rows(group, rows)
-    return _values_and_masks(group, rows, lambda arr: np.stack([arr[int(r)] for r in rows]))
-
-
-def read_target_span(group, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """The four cached arrays of rows lo … hi − 1 in one slice per array: ~1.2 ms a row at the
-    quickstart's sizes, against ~4 ms for a row read alone (the cost of a Zarr read is per call)."""
-    if group.attrs.get("cache_layout") not in MASK_IS_FINITE_LAYOUTS:
-        return read_rows(group, list(range(lo, hi)))
-    return _values_and_masks(group, range(lo, hi), lambda arr: arr[lo:hi])
-
-
-def _values_and_masks(group, rows, read) -> dict[str, np.ndarray]:
-    from pipeline.cache import CacheCorruptError
-
-    out = {}
-    for name in ("global", "local"):
-        try:
-            out[name] = read(group[name])
-        except Exception as err:
-            teacher = str(group.attrs.get("teacher", {}).get("name", "?"))
-            raise CacheCorruptError(
-                f"cached targets of teacher {teacher!r} ({name}, rows {sorted(set(rows))[:5]}) cannot be decoded: "
-                f"{type(err).__name__}: {err}. Recompute them with `dad teach --verify --teacher {teacher}`") from err
-    return {**out, "global_valid": np.isfinite(out["global"]), "local_valid": np.isfinite(out["local"])}
-
-
 class ShardTargets:
     """One teacher's targets for the rows of one corpus shard that an epoch draws from it.
 
@@ -151,10 +100,10 @@ class ShardTargets:
     its own rows. Same values either way: only the number of Zarr calls changes.
     """
 
-    DENSE = 1 / 3  # slice cost ≈ 0.3 × a single-row read, per row (see read_target_span)
+    DENSE = 1 / 3  # slice cost ≈ 0.3 × a single-row read, per row (see CacheReader.span)
 
-    def __init__(self, group, rows: list[int]):
-        self.group = group
+    def __init__(self, reader: CacheReader, rows: list[int]):
+        self.reader = reader
         self.lo, self.hi = (min(rows), max(rows) + 1) if rows else (0, 0)
         self.dense = bool(rows) and len(rows) >= self.DENSE * (self.hi - self.lo)
         self._span: dict | None = None
@@ -162,10 +111,10 @@ class ShardTargets:
 
     def read(self, rows: list[int]) -> dict[str, np.ndarray]:
         if not self.dense:
-            return read_targets(self.group, rows)
+            return self.reader.rows(rows)
         with self._lock:  # loader threads prepare batches of one shard concurrently: one read between them
             if self._span is None:
-                self._span = read_target_span(self.group, self.lo, self.hi)
+                self._span = self.reader.span(self.lo, self.hi)
         at = np.asarray(rows, dtype=np.int64) - self.lo
         return {name: values[at] for name, values in self._span.items()}
 
@@ -177,7 +126,7 @@ class TargetStream:
         self.spec = spec
         self.selection = selection          # row → probabilities over spec.teachers
         self.shard_rows = shard_rows        # shard → rows kept by the selection, in shard order
-        self.groups = {t: _OpenGroup(open_cache(spec.root, t)) for t in spec.teachers}
+        self.groups = {t: CacheReader(open_cache(spec.root, t)) for t in spec.teachers}
         self.spaces = {t: g.attrs["output_space"] for t, g in self.groups.items()}
 
     def shards(self, epoch: int, rank: int, world: int) -> list[int]:

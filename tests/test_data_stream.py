@@ -15,7 +15,7 @@ import torch
 from train_fixtures import batches_of, copy_run, restrict_selection, train_config
 
 from bench.kit.train import build_cached_run, stream_for
-from pipeline.cache import as_disparity, open_cache, read_rows
+from pipeline.cache import CacheReader, as_disparity, open_cache, read_rows
 from pipeline.storage import Root
 from student import data as data_mod
 from student.data import EpochPlan, draw_teacher, prefetch, shard_plan, steps_per_epoch
@@ -176,9 +176,9 @@ def test_each_teacher_reads_its_drawn_rows_in_a_slice_when_dense_and_alone_when_
     names = {id(g): t for t, g in stream.groups.items()}
     rows_read: dict[str, list[int]] = {t: [] for t in stream.groups}
     spans: dict[str, list[tuple[int, int]]] = {t: [] for t in stream.groups}
-    real_rows, real_span = data_mod.read_targets, data_mod.read_target_span
-    monkeypatch.setattr(data_mod, "read_targets", lambda g, rows: rows_read[names[id(g)]].extend(rows) or real_rows(g, rows))
-    monkeypatch.setattr(data_mod, "read_target_span",
+    real_rows, real_span = CacheReader.rows, CacheReader.span
+    monkeypatch.setattr(CacheReader, "rows", lambda g, rows: rows_read[names[id(g)]].extend(rows) or real_rows(g, rows))
+    monkeypatch.setattr(CacheReader, "span",
                         lambda g, lo, hi: spans[names[id(g)]].append((lo, hi)) or real_span(g, lo, hi))
     samples = list(stream.samples(2, 0, 1))
     teachers = list(cached.teachers)
@@ -198,12 +198,12 @@ def test_each_teacher_reads_its_drawn_rows_in_a_slice_when_dense_and_alone_when_
 
 def test_a_slice_and_single_rows_read_the_same_values(cached):
     root = Root(cached.run.root)
-    group = data_mod._OpenGroup(open_cache(root, next(iter(cached.teachers))))
+    group = CacheReader(open_cache(root, next(iter(cached.teachers))))
     rows = [1, 3, 4]
     dense, sparse = data_mod.ShardTargets(group, [0, 1, 2, 3, 4]), data_mod.ShardTargets(group, [0, 14])
     assert dense.dense and not sparse.dense
     stored = read_rows(group, rows)
-    for got in (dense.read(rows), sparse.read(rows), data_mod.read_target_span(group, 1, 5)):
+    for got in (dense.read(rows), sparse.read(rows), group.span(1, 5)):
         picked = got if len(got["global"]) == 3 else {k: v[[0, 2, 3]] for k, v in got.items()}
         for k in stored:
             assert np.array_equal(picked[k], stored[k], equal_nan=k in ("global", "local")), k
@@ -223,7 +223,7 @@ def test_jitter_is_the_plain_float64_expression_to_the_bit():
 
 
 def test_masks_derived_from_values_equal_the_stored_masks(tmp_path):
-    """read_targets reads only the value arrays; the masks it derives are the stored ones, also for
+    """CacheReader.rows reads only the value arrays; the masks it derives are the stored ones, also for
     NaN/inf predictions and float16 overflow (which write_shard marks invalid)."""
     from pipeline.cache import ensure_cache, write_shard
 
@@ -233,9 +233,9 @@ def test_masks_derived_from_values_equal_the_stored_masks(tmp_path):
     g, loc = rng.uniform(0.5, 2, (3, 8, 8)), rng.uniform(0.5, 2, (3, 2, 4, 4))
     g[0, 1, 2], g[1, 3, :], g[2, 0, 0], loc[1, 0, 2, 2], loc[2, 1, 0, :] = np.nan, np.inf, 1e6, -np.inf, 7e4
     write_shard(group, 1, 3, g.astype(np.float32), loc.astype(np.float32))
-    opened = data_mod._OpenGroup(open_cache(root, "t"))
+    opened = CacheReader(open_cache(root, "t"))
     rows = [3, 4, 5, 0]  # the written shard, and a slot never written (all fill values)
-    derived, stored = data_mod.read_targets(opened, rows), read_rows(opened, rows)
+    derived, stored = opened.rows(rows), read_rows(opened, rows)
     assert derived.keys() == stored.keys()
     assert 0 < stored["global_valid"].sum() < stored["global_valid"].size and not stored["local_valid"][3].any()
     for k in stored:
