@@ -28,8 +28,8 @@ GOAL = re.compile(r"^\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
 
 
 def discover() -> list[str]:
-    """Public modules of the bench package (private `_x` and `__main__` excluded), sorted."""
-    return sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if not m.name.startswith("_"))
+    """Public modules of the bench package (private `_x`, `__main__` and the `kit` package excluded), sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if not m.name.startswith("_") and not m.ispkg)
 
 
 def goal_met(value, goal) -> bool | None:

@@ -420,7 +420,7 @@ class Experiment:
     def references(self, start: Path) -> dict:
         """Both teachers as they label (PyDNet v2 flip-averaged) and the student's start (PyDNet v2's
         weights in the torch graph, one pass: the network itself)."""
-        from stages.evaluate import load_predictor
+        from stages.teachers.predictor import load_predictor
 
         cfg, out = self.config(), {}
         for name in (PRIMARY, ASSISTANT):
@@ -441,8 +441,8 @@ class Experiment:
 
     def run_one(self, arm: Arm, seed: int) -> dict:
         from stages import score, train
-        from stages.evaluate import load_predictor
         from stages.teachers import lineage_for
+        from stages.teachers.predictor import load_predictor
 
         cfg = self.config(arm, seed)
         if _selection_key(cfg) != self._selection.get(arm.corpus):  # selection.parquet holds one policy at a time

@@ -67,8 +67,8 @@ def _interleaved(cfg, name: str, reps: int) -> dict:
 
     from pipeline.cache import ensure_cache
     from pipeline.corpus import iter_shard, shard_ids
-    from pipeline.storage import Root
     from pipeline.crops import global_input, local_inputs
+    from pipeline.storage import Root
     from stages.teach import TeachWorker, to_tensor
     from stages.teachers import lineage_for
 

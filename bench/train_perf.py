@@ -24,8 +24,8 @@ from bench.kit.configs import dad_config
 from bench.kit.images import write_photos
 from bench.kit.train import build_cached_run, live_student, stream_for
 from pipeline.corpus import iter_shard
-from pipeline.images import decode_trusted
 from pipeline.crops import global_input, local_inputs
+from pipeline.images import decode_trusted
 from stages.teach import predict_batched, resample
 from student.checkpoint import load_checkpoint
 from student.data import EpochPlan, collate, draw_teacher, prefetch

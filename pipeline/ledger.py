@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from pipeline.storage import Root
 
+
 class LockError(RuntimeError):
     pass
 

@@ -13,20 +13,16 @@ import csv
 import io
 import logging
 import math
-import posixpath
 import time
 from collections.abc import Sequence
-
-import fsspec
-import torch
 
 from pipeline.config import DadConfig
 from pipeline.datasets import open_dataset
 from pipeline.layout import MODEL, eval_run, train_run
 from pipeline.redact import redact_tree
 from pipeline.storage import Root
-from student.checkpoint import checkpoint_name, checkpoint_steps
-from student.evaluation import BASELINES, SKIPS, SUMMARY_KEYS, PredictFn, evaluate, safe_name
+from stages.teachers.predictor import default_device, load_predictor
+from student.evaluation import BASELINES, SKIPS, SUMMARY_KEYS, evaluate, safe_name
 from student.metrics import METRIC_KEYS
 
 log = logging.getLogger("dad.eval")
@@ -35,64 +31,6 @@ CSV_COLUMNS = (["dataset", "id", "family", "gt_type", "height", "width", "n_vali
                 *METRIC_KEYS, "scale", "shift"]
                + [f"{b}_{k}" for b in BASELINES for k in SUMMARY_KEYS]
                + [f"vs_{b}" for b in BASELINES])
-
-
-# -- models --------------------------------------------------------------------------------------
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_predictor(checkpoint: str | None = None, teacher: str | None = None, cfg: DadConfig | None = None,
-                   device: str | None = None) -> tuple[PredictFn, str, dict]:
-    """(predict_fn returning disparity, default name, description) for a student checkpoint or a
-    configured teacher. A teacher gets the image at the evaluation resolution and applies its own
-    input rule (a `checkpoint` teacher with `input_size` = that resolution predicts at exactly it)."""
-    if bool(checkpoint) == bool(teacher):
-        raise ValueError("give exactly one of checkpoint or teacher")
-    device = device or default_device()
-    if checkpoint:
-        from student.checkpoint import load_checkpoint
-
-        path, stem = resolve_checkpoint(str(checkpoint))
-        model, _ = load_checkpoint(path, map_location=device)
-        model.eval()
-
-        def predict_fn(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return model(x.to(device))
-
-        return predict_fn, safe_name(stem), {"checkpoint": path}
-    from pipeline.cache import as_disparity
-    from stages.teachers import build_teacher
-
-    if cfg is None or teacher not in cfg.teachers:
-        known = ", ".join(sorted(cfg.teachers)) if cfg else "none (no config)"
-        raise ValueError(f"teacher {teacher!r} is not configured (teachers: {known})")
-    t = build_teacher(teacher, cfg.teachers[teacher]).to(device)
-    space = t.spec.output_space
-
-    def predict_fn(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = t.predict(x.to(device)).float().cpu().numpy()
-        return torch.from_numpy(as_disparity(out, space))
-
-    return predict_fn, safe_name(f"teacher-{teacher}"), {"teacher": teacher, **t.spec.as_attrs()}
-
-
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(checkpoint file, default name). A file is itself (name: its stem); a training folder
-    `train/<name>` means its final `model.pt`, else its newest `ckpt-*.pt` (name: the folder's)."""
-    fs, p = fsspec.core.url_to_fs(path)
-    base = path.rstrip("/")
-    if not fs.isdir(p):
-        return path, posixpath.splitext(posixpath.basename(base))[0]
-    names = sorted(posixpath.basename(f.rstrip("/")) for f in fs.ls(p, detail=False))
-    steps = checkpoint_steps(names)
-    pick = "model.pt" if "model.pt" in names else (checkpoint_name(steps[-1]) if steps else None)
-    if pick is None:
-        raise FileNotFoundError(f"{path} is a folder without model.pt or ckpt-*.pt")
-    return f"{base}/{pick}", posixpath.basename(base)
 
 
 # -- the stage -----------------------------------------------------------------------------------

@@ -25,8 +25,7 @@ from pipeline.config import DadConfig
 from pipeline.layout import eval_run
 from pipeline.models import digest, is_remote
 from pipeline.storage import Root, temp_file
-from stages.evaluate import resolve_checkpoint
-from student.checkpoint import CHECKPOINT_NAME
+from student.checkpoint import CHECKPOINT_NAME, resolve_checkpoint
 from student.evaluation import BASELINES, safe_name
 
 log = logging.getLogger("dad.export")

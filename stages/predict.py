@@ -121,7 +121,7 @@ def run(inputs: list[str], out_dir: str, checkpoint: str | None = None, teacher:
         cfg: DadConfig | None = None, resolution: int = 518, side_by_side: bool = False,
         batch_size: int = 4) -> dict:
     from pipeline.runtime import console, progress
-    from stages.evaluate import default_device, load_predictor
+    from stages.teachers.predictor import default_device, load_predictor
 
     t0 = time.time()
     if resolution < 14 or resolution % 14:

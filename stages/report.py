@@ -209,7 +209,7 @@ def heldout_grid(root: Root, cfg: DadConfig, per_dataset: int = 3) -> str:
     """Evaluation samples with ground truth: RGB | GT | each teacher | the student | the student's error,
     every prediction aligned to GT as in the eval protocol (recomputed here: a few images per dataset)."""
     from pipeline.datasets.eval_sets import open_dataset
-    from stages.evaluate import load_predictor
+    from stages.teachers.predictor import load_predictor
     from student.evaluation import alignment_max_res, comparison_picture
     from student.infer import predict_disparity
 

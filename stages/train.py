@@ -34,8 +34,8 @@ from pipeline.runtime import init_ray, require_resources, use_inline, worker_req
 from pipeline.storage import Root
 from stages.teachers import lineage_for
 from student.checkpoint import checkpoint_name, checkpoint_steps, load_checkpoint, save_checkpoint
-from student.loop import Cadence, Hooks, fit, restore
 from student.data import EpochPlan, StreamSpec, TargetStream
+from student.loop import Cadence, Hooks, fit, restore
 from student.losses import LossConfig
 from student.trainer import (
     freeze_unused,

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import pickle
+import posixpath
 import re
 
 import fsspec
@@ -143,3 +144,18 @@ def _atomic_write_local(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoint file, default name). A file is itself (name: its stem); a training folder
+    `train/<name>` means its final `model.pt`, else its newest `ckpt-*.pt` (name: the folder's)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    base = path.rstrip("/")
+    if not fs.isdir(p):
+        return path, posixpath.splitext(posixpath.basename(base))[0]
+    names = sorted(posixpath.basename(f.rstrip("/")) for f in fs.ls(p, detail=False))
+    steps = checkpoint_steps(names)
+    pick = "model.pt" if "model.pt" in names else (checkpoint_name(steps[-1]) if steps else None)
+    if pick is None:
+        raise FileNotFoundError(f"{path} is a folder without model.pt or ckpt-*.pt")
+    return f"{base}/{pick}", posixpath.basename(base)

@@ -30,8 +30,8 @@ from pipeline.cli import app
 from pipeline.ledger import Ledger
 from pipeline.storage import Root, temp_file
 from stages import predict as predict_stage
-from stages.evaluate import load_predictor
 from stages.teachers import lineage_for
+from stages.teachers.predictor import load_predictor
 from student.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
