@@ -59,19 +59,19 @@ def score_shard(shard: int, root: Root, cfg: DadConfig, fp: str) -> dict:
     samples = [r for r in table if r["shard"] == shard]
     rows = [r["row"] for r in samples]
     names = list(cfg.teachers)
-    data = {}
+    maps = {}  # teacher → the shard's targets as disparity: global, global_valid, local, local_valid
     for n in names:
         group = open_cache(root, n)
         arr = read_rows(group, rows)
         space = group.attrs["output_space"]
-        data[n] = (as_disparity(arr["global"], space), arr["global_valid"],
-                   as_disparity(arr["local"], space), arr["local_valid"])
+        maps[n] = {**arr, "global": as_disparity(arr["global"], space), "local": as_disparity(arr["local"], space)}
     out = []
     for i, smp in enumerate(samples):
-        per = {n: pair_metrics(data[n][0][i], data[n][1][i], data[n][2][i], data[n][3][i], smp["boxes"], cfg.score)
-               for n in names}
+        one = {n: {k: v[i] for k, v in maps[n].items()} for n in names}  # this sample's maps, per teacher
+        per = {n: pair_metrics(m["global"], m["global_valid"], m["local"], m["local_valid"], smp["boxes"], cfg.score)
+               for n, m in one.items()}
         for n in names:
-            fits = [aligned_fit(data[n][0][i], data[o][0][i], data[n][1][i] & data[o][1][i])
+            fits = [aligned_fit(one[n]["global"], one[o]["global"], one[n]["global_valid"] & one[o]["global_valid"])
                     for o in names if o != n and not per[o]["collapsed"]]
             fits = [(v, anti) for v, anti in fits if np.isfinite(v)]
             out.append({"sample_id": smp["sample_id"], "row": smp["row"], "shard": shard, "teacher": n,
