@@ -298,7 +298,7 @@ def eval_(config: ConfigOpt,
           checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="student checkpoint")] = None,
           teacher: Annotated[Optional[str], typer.Option("--teacher", help="a configured teacher")] = None,
           dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="kind:PATH (default: eval.datasets)")] = None,
-          align: Annotated[Optional[str], typer.Option("--align", help="disparity | depth")] = None,
+          align: Annotated[Optional[str], typer.Option("--align", help="disparity | depth | inverse_depth (default: eval.align)")] = None,
           name: Annotated[Optional[str], typer.Option("--name", help="output folder eval/<name>")] = None,
           root: RootOpt = None, set_: SetOpt = None):
     """Zero-shot evaluation of a checkpoint or a teacher (per-image LSQ alignment, AbsRel, δ1…)."""
