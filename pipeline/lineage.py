@@ -114,9 +114,9 @@ class Lineage:
                     why = self._why(ledger, TEACH, n)
                     what = ("no cached targets" if missing == shards and not why
                             else f"no current cached targets for {len(missing)} shard(s)")
-                    raise FileNotFoundError(f"{what} for teacher {n!r}{why}: run `dad teach --teacher {n}`")
+                    raise FileNotFoundError(f"{what} for teacher {n!r}{_paren(why)}: run `dad teach --teacher {n}`")
         if stage == SCORE and not ledger.is_done(SCORE, "_", "selection", self.selection):
-            raise FileNotFoundError(f"no current teacher selection{self._why(ledger, SCORE, 'selection')}: "
+            raise FileNotFoundError(f"no current teacher selection{_paren(self._why(ledger, SCORE, 'selection'))}: "
                                     f"run `dad score`")
 
     def why_stale(self, root: Root, stage: str, scope: str) -> str:
@@ -124,33 +124,37 @@ class Lineage:
         naming the nearest cause upstream; "" when nothing is stale."""
         from pipeline.ledger import Ledger
 
-        return self._why(Ledger(root), stage, scope).removeprefix(" (").removesuffix(")")
+        return self._why(Ledger(root), stage, scope)
 
     def _why(self, ledger, stage: str, scope: str) -> str:
-        """' (reason)' for the first cause found, upstream first; '' if the cells are current or never made."""
+        """The first cause found, upstream first; "" if the cells are current or were never made."""
         def made_with_other(st: str, sc: str, fp: str, cell: str | None = None) -> bool:
             fps = [f for c, f in ledger.markers(st, sc).items() if cell in (None, c)]
             return bool(fps) and not any(fp in f for f in fps)
 
         if stage == TEACH:
             if made_with_other(SHARD, "_", self.shard, "final"):
-                return " (the corpus was made with other settings)"
-            return " (made with other teacher settings: weights, input rule or output space)" \
+                return "the corpus was made with other settings"
+            return "made with other teacher settings: weights, input rule or output space" \
                 if made_with_other(TEACH, scope, self.teach(scope)) else ""
         if stage == SCORE:
             stale = [n for n in self.cfg.teachers if made_with_other(TEACH, n, self.teach(n))]
             if stale:
-                return f" (the targets of teacher {stale[0]!r} are not current)"
+                return f"the targets of teacher {stale[0]!r} are not current"
             if made_with_other(SCORE, "metrics", self.metrics):
-                return " (teachers or score.collapse_rel_std / min_valid_fraction changed)"
+                return "teachers or score.collapse_rel_std / min_valid_fraction changed"
             if made_with_other(SCORE, "_", self.selection, "selection"):
-                return " (the score policy, priors or teacher licences changed)"
+                return "the score policy, priors or teacher licences changed"
             return ""
         if stage == TRAIN:
             upstream = self._why(ledger, SCORE, "selection")
-            return upstream or (" (train or student settings changed)"
+            return upstream or ("train or student settings changed"
                                 if made_with_other(TRAIN, scope, self.train) else "")
         return ""
+
+
+def _paren(why: str) -> str:
+    return f" ({why})" if why else ""
 
 
 # -- the recorded config ---------------------------------------------------------------------------------

@@ -89,16 +89,16 @@ def fit(model: torch.nn.Module, step: Callable[[dict], dict], plan: EpochPlan,
             usage += np.bincount(batch["teacher"].numpy(), minlength=n_teachers)
             if lead:
                 _lead_duties(model, progress, epoch, stats, usage, cadence, hooks, opt, sched,
-                             progress.samples * world / (time.time() - t0))
+                             lambda: progress.samples * world / (time.time() - t0))
     return progress
 
 
 def _lead_duties(model, progress: Progress, epoch: int, stats: dict, usage: np.ndarray, cadence: Cadence,
-                 hooks: Hooks, opt, sched, samples_per_s: float) -> None:
+                 hooks: Hooks, opt, sched, samples_per_s: Callable[[], float]) -> None:
     """Rank 0 after each step: the log line, validation and the checkpoint when they are due."""
     s = progress.steps
     if cadence.due(s, cadence.log_every):
-        hooks.log({"step": s, "epoch": epoch, "samples_per_s": samples_per_s, **stats,
+        hooks.log({"step": s, "epoch": epoch, "samples_per_s": samples_per_s(), **stats,
                    "teachers": usage.tolist()})
         usage[:] = 0
     if hooks.validate and cadence.due(s, cadence.val_every):
