@@ -45,12 +45,13 @@ def progress(total: int, description: str) -> Progress:
     return bar
 
 
-def init_ray(run: RunCfg, address: str | None = None) -> None:
-    """Connect to (or start) Ray once per process; quiet, with the project importable on workers."""
+def init_ray(run: RunCfg, address: str | None = None) -> float:
+    """Connect to (or start) Ray once per process; quiet, with the project importable on workers. Returns
+    the seconds it took (0 when this process already had Ray: `dad run` starts it once for every stage)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
     address = address or run.ray_address
@@ -71,8 +72,9 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
     t0 = time.time()
     ray.init(**kwargs)
     res = ray.cluster_resources()
+    took = time.time() - t0
     log.info("ray: %s (%.0f CPU, %.0f GPU) in %.1f s", address or "local cluster",
-             res.get("CPU", 0), res.get("GPU", 0), time.time() - t0)
+             res.get("CPU", 0), res.get("GPU", 0), took)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # dad draws its own progress bars; Ray Data would warn once that its own are off
@@ -83,8 +85,10 @@ def init_ray(run: RunCfg, address: str | None = None) -> None:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        ctx.raise_original_map_exception = True  # a stage's own error (which cell, which teacher), not a wrapper
     except Exception:  # pragma: no cover - older/newer Ray
         pass
+    return took
 
 
 class UnsatisfiableError(ValueError):

@@ -11,7 +11,9 @@ shard. Adding or changing a teacher redoes only its cells, and a cache under a r
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -64,29 +66,64 @@ def resample(maps: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[:, 0].numpy()
 
 
-class TeachWorker:
-    """Ray Data actor (class UDF): loads one teacher once, then processes whole corpus shards."""
+class CellFailed(RuntimeError):
+    """A (teacher, shard) cell that raised: names the teacher, since one actor pool serves several. Its
+    args are plain values, so it crosses Ray's pickling intact (an exception's `__cause__` does not)."""
 
-    def __init__(self, root: Root, cfg: DadConfig, name: str, fp: str, corpus_fp: str):
-        tcfg: TeacherCfg = cfg.teachers[name]
-        if tcfg.torch_threads:
-            torch.set_num_threads(tcfg.torch_threads)
-        device = "cuda" if tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.root, self.cfg, self.name, self.fp, self.corpus_fp, self.tcfg = root, cfg, name, fp, corpus_fp, tcfg
-        self.teacher = build_teacher(name, tcfg).to(device)
-        self.arrays = open_arrays(open_cache(root, name, mode="r+"))  # metadata read once per actor
+    def __init__(self, teacher: str, shard: int, line: str):
+        super().__init__(teacher, shard, line)
+        self.teacher, self.shard, self.line = teacher, shard, line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+class TeachWorker:
+    """Ray Data actor (class UDF) for one pool of teachers that ask Ray for the same resources: cells come
+    teacher by teacher, and a teacher is loaded when its first cell arrives (the one before is dropped, so
+    an actor holds one model at a time). The process start and imports are paid once per pool."""
+
+    def __init__(self, root: Root, cfg: DadConfig, fps: dict[str, tuple[str, str]]):
+        self.root, self.cfg, self.fps = root, cfg, fps  # teacher → (its cell fingerprint, the corpus's)
         self.ledger = Ledger(root)
+        self.threads = torch.get_num_threads()  # Ray's default for this actor's CPUs
+        self.name: str | None = None
+
+    def load(self, name: str) -> float:
+        """Make `name` the loaded teacher; the seconds it took (0 when it already was)."""
+        if name == self.name:
+            return 0.0
+        t0 = time.time()
+        self.name, self.teacher, self.arrays = None, None, None  # the previous model is freed first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tcfg: TeacherCfg = self.cfg.teachers[name]
+        torch.set_num_threads(tcfg.torch_threads or self.threads)
+        device = "cuda" if tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.teacher = build_teacher(name, tcfg).to(device)
+        self.arrays = open_arrays(open_cache(self.root, name, mode="r+"))  # metadata read once per teacher
+        self.name, self.tcfg = name, tcfg
+        return time.time() - t0
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.process(int(s)) for s in batch["shard"]]
+        results = [self.cell(str(t), int(s)) for t, s in zip(batch["teacher"], batch["shard"])]
         return {k: np.array([r[k] for r in results]) for k in results[0]}
 
+    def cell(self, name: str, shard: int) -> dict:
+        try:
+            load = self.load(name)
+            return {**self.process(shard), "load_seconds": round(load, 3)}
+        except Exception as err:
+            raise CellFailed(name, shard, cause_line(err)) from err
+
     def process(self, shard: int) -> dict:
+        """Teach one corpus shard with the loaded teacher: predict, resample, write, then the marker."""
         t0, c0 = time.time(), time.process_time()
         crops, bs = self.cfg.crops, self.tcfg.batch_size
+        fp, corpus_fp = self.fps[self.name]
         globals_, locals_ = [], []
         # the tar is checked against its shard marker (sha256, once) before any sample is used
-        for record, region in iter_shard(self.root, shard, expect=tar_record(self.root, self.corpus_fp, shard)):
+        for record, region in iter_shard(self.root, shard, expect=tar_record(self.root, corpus_fp, shard)):
             globals_.append(global_input(region, crops.global_size))
             locals_.extend(local_inputs(region, record["boxes"], crops.patch))
         n, k = len(globals_), crops.local_count
@@ -96,11 +133,11 @@ class TeachWorker:
         l_pred = resample(l_pred.astype(np.float32), crops.local_store).reshape(n, k, crops.local_store, crops.local_store)
         stats = write_shard(self.arrays, shard, self.cfg.corpus.shard_size, g_pred, l_pred)
         objects = shard_digests(self.root, self.name, shard)  # what `check_shard` verifies later
-        info = {"shard": shard, "samples": n, "seconds": round(time.time() - t0, 3),
-                "cpu_seconds": round(time.process_time() - c0, 3), "node": _node_id(), **stats,
+        info = {"shard": shard, "samples": n, "started": round(t0, 3), "seconds": round(time.time() - t0, 3),
+                "cpu_seconds": round(time.process_time() - c0, 3), "node": _node_id(), "pid": os.getpid(), **stats,
                 "objects": objects}
-        self.ledger.mark(STAGE, self.name, shard_name(shard), self.fp, info)
-        return {k: v for k, v in info.items() if k != "objects"}  # flat values only (a Ray Data row)
+        self.ledger.mark(STAGE, self.name, shard_name(shard), fp, info)
+        return {"teacher": self.name, **{k: v for k, v in info.items() if k != "objects"}}  # flat: a Ray Data row
 
 
 def _node_id() -> str:
@@ -113,50 +150,79 @@ def _node_id() -> str:
         return "local"
 
 
-def _run_teacher(root: Root, cfg: DadConfig, name: str, fps: tuple[str, str], todo: list[int], inline: bool
-                 ) -> list[dict]:
-    """Teach `todo` shards; fps: (this teacher's cell fingerprint, the corpus's)."""
-    tcfg = cfg.teachers[name]
-    if inline:
-        out = []
-        with progress(len(todo), f"teach {name}") as bar:
-            try:
-                worker = TeachWorker(root, cfg, name, *fps)
-                for s in todo:
-                    out.append(worker.process(s))
+def pools(cfg: DadConfig, names: list[str]) -> list[list[str]]:
+    """The teachers grouped by what one of their actors asks Ray for (CPUs, GPUs, memory, custom resources)
+    and by pool size, in config order: each group runs as one actor pool, teacher after teacher."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        t = cfg.teachers[n]
+        groups.setdefault((t.num_cpus, t.num_gpus, t.memory, tuple(sorted(t.resources.items())), t.actors), []).append(n)
+    return list(groups.values())
+
+
+def _run_pool(root: Root, cfg: DadConfig, work: dict[str, list[int]], fps: dict[str, tuple[str, str]],
+              inline: bool) -> tuple[list[dict], float]:
+    """Teach `work` (teacher → shards to do, all of one pool) cell by cell, teacher by teacher; returns the
+    cells' infos and the pool's start-up: seconds from submitting it to its first cell starting (Ray Data's
+    start, the actors' processes and imports, the first model load)."""
+    cells = [{"teacher": n, "shard": s} for n, todo in work.items() for s in todo]
+    out: list[dict] = []
+    t0 = time.time()
+    with progress(len(cells), f"teach {', '.join(work)}") as bar:
+        try:
+            if inline:
+                worker = TeachWorker(root, cfg, fps)
+                for c in cells:
+                    out.append(worker.cell(c["teacher"], c["shard"]))
                     bar.advance(0, 1)
-            except Exception as err:  # the same one line as from a Ray actor
-                raise _teacher_failed(name, len(out), len(todo), err) from err
-            return out
+            else:
+                for row in _pool_dataset(root, cfg, cells, fps).iter_rows():
+                    out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+                    bar.advance(0, 1)
+        except Exception as err:  # Ray wraps the actor's error; name the teacher, keep finished cells
+            raise _pool_failed(work, out, err) from err
+    return out, (min(r["started"] for r in out) - t0) if out else 0.0
+
+
+def _pool_dataset(root: Root, cfg: DadConfig, cells: list[dict], fps: dict[str, tuple[str, str]]):
     import ray.data
 
+    tcfg = cfg.teachers[cells[0]["teacher"]]  # every teacher of a pool asks for the same
     remote_args = {"num_cpus": tcfg.num_cpus, "num_gpus": tcfg.num_gpus}
     if tcfg.memory:
         remote_args["memory"] = tcfg.memory
     if tcfg.resources:
         remote_args["resources"] = tcfg.resources
-    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    ds = ray.data.from_items(cells, override_num_blocks=len(cells))
     acfg = with_absolute_paths(cfg)  # actors may run in another working directory, or on another node
-    ds = ds.map_batches(TeachWorker, fn_constructor_args=(Root(acfg.run.root, root.storage_options), acfg, name, *fps),
-                        batch_size=1,
-                        # A task is a whole shard and its input one integer: nothing to prefetch, so each
-                        # actor holds one task at a time and no shard waits behind a busy actor at the end.
-                        compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(todo)),
-                                                           max_tasks_in_flight_per_actor=1), **remote_args)
-    out = []
-    with progress(len(todo), f"teach {name}") as bar:
-        try:
-            for row in ds.iter_rows():
-                out.append({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-                bar.advance(0, 1)
-        except Exception as err:  # Ray wraps the actor's error; show the cause, keep finished cells
-            raise _teacher_failed(name, len(out), len(todo), err) from err
-    return out
+    return ds.map_batches(TeachWorker, fn_constructor_args=(Root(acfg.run.root, root.storage_options), acfg, fps),
+                          batch_size=1,
+                          # A task is one cell and its input one row: nothing to prefetch, so each actor holds
+                          # one task at a time and no cell waits behind a busy actor at the end.
+                          compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(cells)),
+                                                             max_tasks_in_flight_per_actor=1), **remote_args)
 
 
-def _teacher_failed(name: str, done: int, total: int, err: BaseException) -> RuntimeError:
-    return RuntimeError(f"teacher {name!r} failed ({done}/{total} shards finished and kept): {cause_line(err)}; "
-                        f"rerun `dad teach --teacher {name}` once that is fixed (--debug shows the traceback)")
+def _failed_cell(err: BaseException) -> CellFailed | None:
+    """The cell that raised, found through Ray's wrappers (`.cause`) and `raise … from`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, CellFailed):
+            return err
+        inner = getattr(err, "cause", None)
+        err = inner if isinstance(inner, BaseException) else err.__cause__
+    return None
+
+
+def _pool_failed(work: dict[str, list[int]], out: list[dict], err: BaseException) -> RuntimeError:
+    """One line: which teacher failed, how many of its shards are kept, the cause, the command to rerun."""
+    cell = _failed_cell(err)
+    done = {n: sum(r["teacher"] == n for r in out) for n in work}
+    name = cell.teacher if cell else next((n for n in work if done[n] < len(work[n])), next(iter(work)))
+    return RuntimeError(f"teacher {name!r} failed ({done[name]}/{len(work[name])} shards finished and kept): "
+                        f"{cell.line if cell else cause_line(err)}; rerun `dad teach --teacher {name}` once that "
+                        f"is fixed (--debug shows the traceback)")
 
 
 def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None = None,
@@ -164,7 +230,9 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
     """Fill the target cache for the given teachers (default: all configured); only missing cells.
 
     Done cells are checked against their markers (object sizes; sha256 with `verify=True`): a cell whose
-    stored bytes changed since it was written is recomputed, with a warning that says why."""
+    stored bytes changed since it was written is recomputed, with a warning that says why. Teachers whose
+    actors ask for the same resources share one actor pool (`pools`). The summary's `start_up_s` is the
+    pools' start-up and `ray_start_s` the time taken to start or join Ray."""
     t0 = time.time()
     root = Root(cfg.run.root)
     ledger = Ledger(root)
@@ -180,43 +248,63 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
     require_intact_corpus(root, lineage.shard, deep=verify)  # manifest and tars as `dad shard` wrote them
     shards = shard_ids(root)
     inline = use_inline(cfg.run, root.process_local)
+    ray_start = 0.0
     if not inline:
-        init_ray(cfg.run, address)
+        ray_start = init_ray(cfg.run, address)
         # an actor no node can host would wait forever, silently: refuse it now, naming the key
         require_resources([teacher_request(n, cfg.teachers[n]) for n in _with_work(ledger, lineage, names, shards)])
-    totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0, "recomputed": 0}
-    for name in names:
-        spec, fp = lineage.spec(name), lineage.teach(name)
-        with stage_lock(root, STAGE, name, break_lock=break_lock, command=f"dad teach --teacher {name}"):
-            c = cfg.crops
-            attrs = {"teacher": spec.as_attrs(), "output_space": spec.output_space, "license": spec.license,
-                     "fingerprint": fp, "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size}
-            reference = reference_metadata(max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
-                                           c.local_store, attrs)
-            damaged = metadata_problems(root, name, reference, reader_attrs(cfg, spec.output_space))
-            done = ledger.done(STAGE, name, fp)
-            corrupt = verify_cells(root, name, fp, [s for s in shards if shard_name(s) in done], deep=verify)
-            if damaged or corrupt or len(done & {shard_name(s) for s in shards}) < len(shards):
-                # a training (or scoring) run that reads this cache would see it change under it
-                refuse_if_leased(root, STAGE, name, f"cache/{name}", break_lock)
-            for key, why in sorted(damaged.items()):
-                log.warning("teach %s: cache/%s/%s %s: rewriting it", name, name, key, why)
-            repair_metadata(root, name, damaged, reference)
-            for s, why in sorted(corrupt.items()):
-                log.warning("teach %s: shard %s does not match its marker (%s): recomputing", name, shard_name(s), why)
-                ledger.unmark(STAGE, name, shard_name(s), fp)  # not "done" while it is being redone
-            totals["recomputed"] += len(corrupt)
-            todo = [s for s in shards if shard_name(s) not in done or s in corrupt]
-            totals["skipped"] += len(shards) - len(todo)
-            if not todo:
+    totals = {"samples": 0, "cells": 0, "skipped": 0, "invalid_px": 0, "recomputed": 0, "start_up_s": 0.0}
+    fps = {n: (lineage.teach(n), lineage.shard) for n in names}
+    for group in pools(cfg, names):
+        with ExitStack() as locks:
+            work = {}
+            for name in group:
+                locks.enter_context(stage_lock(root, STAGE, name, break_lock=break_lock,
+                                               command=f"dad teach --teacher {name}"))
+                todo = _prepare(root, cfg, ledger, lineage, name, shards, verify, break_lock, totals)
+                if todo:
+                    work[name] = todo
+            if not work:
                 continue
-            ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
-                         c.local_store, attrs=attrs)
-            for info in _run_teacher(root, cfg, name, (fp, lineage.shard), todo, inline):
+            infos, start_up = _run_pool(root, cfg, work, fps, inline)
+            totals["start_up_s"] += start_up
+            for info in infos:
                 totals["samples"] += int(info["samples"])
                 totals["cells"] += 1
                 totals["invalid_px"] += int(info["invalid_global_px"]) + int(info["invalid_local_px"])
-    return {"stage": STAGE, "teachers": len(names), **totals, "seconds": round(time.time() - t0, 2)}
+    totals["start_up_s"] = round(totals["start_up_s"], 2)
+    return {"stage": STAGE, "teachers": len(names), **totals, "ray_start_s": round(ray_start, 2),
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _prepare(root: Root, cfg: DadConfig, ledger: Ledger, lineage: Lineage, name: str, shards: list[int],
+             verify: bool, break_lock: bool, totals: dict) -> list[int]:
+    """Under the teacher's lock: check and repair its cache's metadata, unmark cells whose bytes changed,
+    create the cache if need be; the shards left to teach."""
+    spec, fp, c = lineage.spec(name), lineage.teach(name), cfg.crops
+    attrs = {"teacher": spec.as_attrs(), "output_space": spec.output_space, "license": spec.license,
+             "fingerprint": fp, "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size}
+    reference = reference_metadata(max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
+                                   c.local_store, attrs)
+    damaged = metadata_problems(root, name, reference, reader_attrs(cfg, spec.output_space))
+    done = ledger.done(STAGE, name, fp)
+    corrupt = verify_cells(root, name, fp, [s for s in shards if shard_name(s) in done], deep=verify)
+    if damaged or corrupt or len(done & {shard_name(s) for s in shards}) < len(shards):
+        # a training (or scoring) run that reads this cache would see it change under it
+        refuse_if_leased(root, STAGE, name, f"cache/{name}", break_lock)
+    for key, why in sorted(damaged.items()):
+        log.warning("teach %s: cache/%s/%s %s: rewriting it", name, name, key, why)
+    repair_metadata(root, name, damaged, reference)
+    for s, why in sorted(corrupt.items()):
+        log.warning("teach %s: shard %s does not match its marker (%s): recomputing", name, shard_name(s), why)
+        ledger.unmark(STAGE, name, shard_name(s), fp)  # not "done" while it is being redone
+    totals["recomputed"] += len(corrupt)
+    todo = [s for s in shards if shard_name(s) not in done or s in corrupt]
+    totals["skipped"] += len(shards) - len(todo)
+    if todo:
+        ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
+                     c.local_store, attrs=attrs)
+    return todo
 
 
 def _with_work(ledger: Ledger, lineage: Lineage, names: list[str], shards: list[int]) -> list[str]:

@@ -76,8 +76,11 @@ def start_cluster(cluster, workers: int = 2) -> None:
 
 
 def write_config(tmp: Path, root: Path, corpus: Path) -> Path:
-    """The job's config: small crops, shards of 2, a 2-actor pixel teacher that needs a teacher slot."""
-    px = {"adapter": "pixel", "model": "r+2g", "actors": 2, "num_cpus": 0.25, "resources": {"teacher_slot": 1.0}}
+    """The job's config: small crops, shards of 2, a 2-actor pixel teacher that needs a teacher slot. Its
+    cells take 3 s (two 1.5 s predict calls), so the actor that starts first cannot finish all four cells
+    before the other one is up: both nodes get work however the start-up times fall."""
+    px = {"adapter": "bench.kit.teach:SlowPixelTeacher", "model": "r+2g@1.5", "actors": 2, "num_cpus": 0.25,
+          "resources": {"teacher_slot": 1.0}}
     raw = raw_config(root, corpus, {"px": px}, preset="bare", shard_size=2, crops=SMALL_CROPS)
     return write_toml(tmp / "cluster_test.toml", raw)
 

@@ -31,14 +31,6 @@ from bench.kit.configs import dad_config
 from bench.kit.images import write_sources
 from bench.kit.s3 import S3_CREDS, moto_s3
 from pipeline.cli import app
-from stages.teachers.pixel import PixelTeacher
-
-
-class ExplodingTeacher(PixelTeacher):
-    """A plugin teacher (`adapter = "test_reliability_cli:ExplodingTeacher"`) whose predict raises."""
-
-    def predict(self, rgb):
-        raise ZeroDivisionError("the teacher's own bug")
 
 
 pytestmark = pytest.mark.usefixtures("root_logger_restored")
@@ -240,7 +232,7 @@ def test_an_error_inside_a_teacher_names_the_teacher_and_the_rerun(run, config_f
     root, _ = run
     shutil.rmtree(root / "ledger" / "teach" / "luma")  # luma's cells must run
     cfg = config_for(root, **{'adapter = "pixel"\nmodel = "luma"':
-                                        'adapter = "test_reliability_cli:ExplodingTeacher"\nmodel = "luma"'})
+                                        'adapter = "bench.kit.teach:ExplodingTeacher"\nmodel = "luma"'})
     one_line_error(dad("teach", "-c", cfg), "teacher 'luma' failed", "ZeroDivisionError: the teacher's own bug",
                    "`dad teach --teacher luma`")
 

@@ -316,6 +316,51 @@ def test_ray_actor_pool_matches_inline(tmp_path, ramps, ray_session):
     assert len(Ledger(Root(ray_cfg.run.root)).markers("teach", "px")) == 3
 
 
+def test_pools_group_teachers_by_what_one_actor_asks_for(tmp_path, ramps):
+    half = {**PX, "num_cpus": 0.5, "actors": 2}
+    cfg = dad_config(tmp_path / "root", ramps, {"a": half, "b": {**half, "model": "luma"}, "c": {**PX, "num_cpus": 0.5},
+                                                "d": {**half, "resources": {"slot": 1}}, "e": {**half, "batch_size": 1},
+                                                "f": {**half, "num_gpus": 0.5}}, preset="teach")
+    assert teach.pools(cfg, list(cfg.teachers)) == [["a", "b", "e"], ["c"], ["d"], ["f"]]
+    assert teach.pools(cfg, ["e", "c", "a"]) == [["e", "a"], ["c"]]  # the order asked for, within and across
+
+
+@pytest.mark.timeout(300)
+def test_teachers_of_one_shape_share_one_ray_actor(tmp_path, ramps, ray_session):
+    """One actor serves both teachers, one after the other: the cache is the inline run's, and the second
+    teacher pays no process start (every marker names the same process)."""
+    teachers = {"px": {**PX, "num_cpus": 0.5}, "luma": {**PX, "model": "luma", "num_cpus": 0.5}}
+    ray_cfg = sharded(tmp_path, ramps, teachers, name="ray", executor="ray")
+    inline_cfg = sharded(tmp_path, ramps, teachers, name="inline")
+    summary = teach.run(ray_cfg)
+    assert (summary["cells"], summary["samples"]) == (6, 10) and summary["start_up_s"] > 0
+    teach.run(inline_cfg)
+    ledger = Ledger(Root(ray_cfg.run.root))
+    pids = {t: {ledger.info("teach", t, c, fp)["pid"] for c, fps in ledger.markers("teach", t).items() for fp in fps}
+            for t in teachers}
+    assert len(pids["px"]) == 1 and pids["px"] == pids["luma"] and os.getpid() not in pids["px"]
+    for t in teachers:
+        got, want = cache_arrays(ray_cfg.run.root, t), cache_arrays(inline_cfg.run.root, t)
+        for name in ARRAYS:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("executor", ["inline", "ray"])
+def test_a_failing_teacher_in_a_shared_pool_is_named_and_the_others_cells_are_kept(tmp_path, ramps, executor,
+                                                                                  request):
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    teachers = {"px": {**PX, "num_cpus": 0.5},
+                "boom": {"adapter": "bench.kit.teach:ExplodingTeacher", "model": "luma", "num_cpus": 0.5}}
+    cfg = sharded(tmp_path, ramps, teachers, executor=executor)
+    with pytest.raises(RuntimeError) as err:
+        teach.run(cfg)
+    assert str(err.value).startswith("teacher 'boom' failed (0/3 shards finished and kept): "
+                                     "ZeroDivisionError: the teacher's own bug; rerun `dad teach --teacher boom`")
+    assert len(Ledger(Root(cfg.run.root)).done("teach", "px", lineage_for(cfg).teach("px"))) == 3
+
+
 # -- kill -9 mid-stage, rerun: the same cache as an uninterrupted run ----------------------------
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 * `SlowPixelTeacher` — `adapter = "bench.kit.teach:SlowPixelTeacher"`, `model = "r+2g@0.5"`: the r+2g
   pixel teacher plus a sleep per `predict` call, so a kill lands mid-stage.
+* `ExplodingTeacher` — `adapter = "bench.kit.teach:ExplodingTeacher"`: a plugin whose predict raises.
 * `cache_arrays` — every cache array of one teacher: what "identical" targets are checked against.
 """
 
@@ -33,6 +34,13 @@ class SlowPixelTeacher(PixelTeacher):
     def predict(self, rgb):
         time.sleep(self.delay)
         return super().predict(rgb)
+
+
+class ExplodingTeacher(PixelTeacher):
+    """A plugin teacher whose predict raises: what a bug inside a teacher looks like to the stage."""
+
+    def predict(self, rgb):
+        raise ZeroDivisionError("the teacher's own bug")
 
 
 def cache_arrays(root, teacher: str) -> dict[str, np.ndarray]:
