@@ -137,32 +137,26 @@ def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
 
 
 def _tflite_p1(tmp: Path, src: Path, sizes: dict, shard_size: int, reps: int) -> dict:
-    """P1 for the TFLite adapter: the demo's real teachers (configs/quickstart.toml, read from the model
-    mirror), 1 thread, no flip-averaging (it doubles both sides alike); pipeline ÷ bare interpreter loop."""
-    import tomllib
-
+    """P1 for the TFLite adapter: the demo's real teachers (read from the model mirror), 1 thread, no
+    flip-averaging (it doubles both sides alike); pipeline ÷ the bare interpreter loop."""
+    from bench.kit.configs import demo_teachers, missing_models
     from pipeline.config import load_config
-    from pipeline.models import resolve
     from stages import shard
 
-    here = Path(__file__).resolve().parent.parent
-    quick = tomllib.loads((here / "configs" / "quickstart.toml").read_text())
-    mirror = [str((here / m).resolve()) for m in quick["run"]["model_mirror"]]
+    teachers, mirror = demo_teachers()
     out = {}
-    for name, section in quick["teachers"].items():
+    for name, section in teachers.items():
+        why = missing_models({name: section}, mirror)
+        if why:  # no mirror and no network: say so, measure nothing
+            out[name] = {"value": None, "skipped": f"model not available here ({why})"}
+            continue
         tcfg = {**section, "flip_average": False, "batch_size": 4, "torch_threads": 1, "num_cpus": 1}
-        root = tmp / f"tflite-{name}"
-        cfg = load_config(raw={"run": {"root": str(root), "executor": "inline", "model_mirror": mirror},
+        cfg = load_config(raw={"run": {"root": str(tmp / f"tflite-{name}"), "executor": "inline", "model_mirror": mirror},
                                "corpus": {"sources": [str(src)], "shard_size": shard_size},
                                "crops": sizes, "teachers": {name: tcfg}})
-        try:
-            resolve(cfg.teachers[name].model, cfg.teachers[name].sha256, what=name, mirrors=cfg.run.model_mirror)
-        except Exception as err:  # noqa: BLE001 - no mirror and no network: say so, measure nothing
-            out[name] = {"value": None, "skipped": f"model not available here ({err})"}
-            continue
         shard.run(cfg)
-        inter = _interleaved(cfg, name, reps, bare=_interpreter_loop)
-        p1 = _p1(inter, f"tflite: {Path(section['model']).name}", None, None, reps)
+        p1 = _p1(_interleaved(cfg, name, reps, bare=_interpreter_loop), f"tflite: {Path(section['model']).name}",
+                 None, None, reps)
         p1["detail"]["measure"] = p1["detail"]["measure"].replace("teacher.predict on that shard's batches",
                                                                    "the bare interpreter loop on that shard's images")
         out[name] = p1

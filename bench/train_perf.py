@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.kit.configs import dad_config
+from bench.kit.configs import dad_config, demo_teachers, missing_models
 from bench.kit.images import write_photos
 from bench.kit.train import build_cached_run, live_student, stream_for
 from pipeline.corpus import iter_shard
@@ -167,26 +167,33 @@ class OnlineStream:
         return collate(out)
 
 
-def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
+def bench_p3(folder: Path, quick: bool, epochs: int = 3, real: bool = False) -> dict:
+    """P3 with two tiny-student checkpoints as teachers, or (`real`) the demo's TFLite teachers, PyDNet v2
+    (flip-averaged) and FastDepth, on half the samples (they cost far more than the student)."""
     import stages.score
     import stages.teach
     from stages.teachers import build_teacher
 
     p = SIZES[quick]
-    folder = folder / "p3"
+    folder = folder / ("p3-real" if real else "p3")
     folder.mkdir(parents=True)
-    for i, name in enumerate(("teacher_a", "teacher_b")):
-        live_student(folder / f"{name}.pt", seed=100 + i)
     g = p["crops"]["global_size"]
-    teachers = {"a": {"adapter": "checkpoint", "model": str(folder / "teacher_a.pt"), "input_size": g,
-                      "batch_size": 8, "prior": 0.7},
-                "b": {"adapter": "checkpoint", "model": str(folder / "teacher_b.pt"), "input_size": g,
-                      "batch_size": 8, "prior": 0.3}}
+    run, n = {}, p["n"]
+    if real:
+        demo, mirror = demo_teachers()
+        teachers, run, n = {k: {**v, "torch_threads": 1} for k, v in demo.items()}, {"model_mirror": mirror}, n // 2
+    else:
+        for i, name in enumerate(("teacher_a", "teacher_b")):
+            live_student(folder / f"{name}.pt", seed=100 + i)
+        teachers = {"a": {"adapter": "checkpoint", "model": str(folder / "teacher_a.pt"), "input_size": g,
+                          "batch_size": 8, "prior": 0.7},
+                    "b": {"adapter": "checkpoint", "model": str(folder / "teacher_b.pt"), "input_size": g,
+                          "batch_size": 8, "prior": 0.3}}
     # the cached recipe: shard (shared by both recipes, not timed), teach once, score, 3 epochs from the cache
     import stages.shard
 
-    src = _corpus(folder / "src", p["n"], p["size"])
-    cfg = dad_config(folder / "root", src, teachers, shard_size=p["shard"], crops=p["crops"],
+    src = _corpus(folder / "src", n, p["size"])
+    cfg = dad_config(folder / "root", src, teachers, shard_size=p["shard"], crops=p["crops"], run=run,
                      train={"batch_size": p["batch"], "jitter": 0.0, "flip": False})
     stages.shard.run(cfg)
     ckpt = str(folder / "student.pt")
@@ -205,7 +212,7 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
     # the online recipe: same student, samples, draws and steps; both teachers inside every step
     online_steps = 0
     with clock("online"):
-        models = [build_teacher(n, cfg.teachers[n]) for n in ("a", "b")]  # loading them is part of the recipe
+        models = [build_teacher(t, cfg.teachers[t]) for t in cfg.teachers]  # loading them is part of the recipe
         online = OnlineStream(cfg, stream, models)
         step = _trainer(cfg, ckpt)
         for epoch in range(epochs):
@@ -219,7 +226,8 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
     S, T = cpu["cached"] / epochs, (cpu["online"] - cpu["cached"]) / epochs
     return {"value": round((cpu["teach"] + cpu["cached"]) / cpu["online"], 3), "unit": "ratio of CPU time",
             "goal": "<= 0.45",
-            "detail": {"epochs": epochs, "steps": steps, "samples": sum(len(r) for r in stream.shard_rows.values()),
+            "detail": {"teachers": {t: f"{v.adapter}: {Path(v.model).name}" for t, v in cfg.teachers.items()},
+                       "epochs": epochs, "steps": steps, "samples": sum(len(r) for r in stream.shard_rows.values()),
                        "batch": p["batch"], "global_size": g, "local_count": cfg.crops.local_count,
                        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
                        "wall_s": {k: round(v, 2) for k, v in wall.items()},
@@ -227,7 +235,7 @@ def bench_p3(folder: Path, quick: bool, epochs: int = 3) -> dict:
                        "ratio_including_score": round((cpu["teach"] + cpu["score"] + cpu["cached"]) / cpu["online"], 3),
                        "teacher_to_student_cost": round(T / S, 2),
                        "projected_ratio_10_epochs": round((cpu["teach"] + 10 * S) / (10 * (T + S)), 3),
-                       "larger_teachers": _larger_teachers(g, cpu["teach"], T, S, epochs)}}
+                       **({} if real else {"larger_teachers": _larger_teachers(g, cpu["teach"], T, S, epochs)})}}
 
 
 def _larger_teachers(g: int, teach: float, T: float, S: float, epochs: int) -> dict:
@@ -274,8 +282,14 @@ def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     import ray  # noqa: F401 - every stage imports Ray in a real run; keep its one-time import out of the timings
     with tempfile.TemporaryDirectory(prefix="dad-train-bench-") as tmp:
-        return {"P2_ingest_efficiency": bench_p2(Path(tmp), quick),
-                "P3_cached_vs_online": bench_p3(Path(tmp), quick)}
+        out = {"P2_ingest_efficiency": bench_p2(Path(tmp), quick),
+               "P3_cached_vs_online": bench_p3(Path(tmp), quick)}
+        why = missing_models(*demo_teachers())
+        if not quick and why is None:  # the demo's real teachers, when their files are here
+            out["P3_cached_vs_online_real_teachers"] = bench_p3(Path(tmp), quick, real=True)
+        elif not quick:
+            out["P3_cached_vs_online"]["detail"]["real_teachers"] = f"not measured: {why}"
+        return out
 
 
 if __name__ == "__main__":

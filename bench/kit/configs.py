@@ -54,6 +54,28 @@ def raw_config(root, sources, teachers: dict | None = None, *, preset: str = "tr
     return raw
 
 
+def demo_teachers() -> tuple[dict, list[str]]:
+    """The demo's real teachers (configs/quickstart.toml's sections: TFLite files by URL + sha256) and its
+    model mirror as absolute folders — what a benchmark with real teachers runs."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    demo = tomllib.loads((repo / "configs" / "quickstart.toml").read_text())
+    return demo["teachers"], [str((repo / m).resolve()) for m in demo["run"]["model_mirror"]]
+
+
+def missing_models(teachers: dict, mirrors: list[str]) -> str | None:
+    """Why these teachers' model files cannot be read here (no mirror, no network), or None."""
+    from pipeline.models import resolve
+
+    for name, t in teachers.items():
+        try:
+            resolve(t["model"], t.get("sha256"), mirrors=mirrors, what=f"teachers.{name}.model")
+        except Exception as err:  # noqa: BLE001 - any reason is reported as is
+            return str(err)
+    return None
+
+
 def dad_config(root, sources, teachers: dict | None = None, **kw) -> DadConfig:
     """`raw_config(...)` validated: what a stage's `run(cfg)` takes."""
     return load_config(raw=raw_config(root, sources, teachers, **kw))
