@@ -200,6 +200,58 @@ def _machine_scaling(ckpt: Path, side: int, batches: int) -> dict:
     return {"ratio": round(rate[2] / rate[1], 4), "images_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
 
 
+def _stage_loop(raw: dict, shards: list[int], start, out) -> None:
+    """One process: the stage's own per-shard work (`TeachWorker.process`, no Ray) on `shards`, timed
+    after a barrier, the teacher loaded before it."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.storage import Root
+    from stages.teach import TeachWorker
+    from stages.teachers import lineage_for
+
+    torch.set_num_threads(1)
+    cfg = load_config(raw=raw)
+    lineage = lineage_for(cfg)
+    worker = TeachWorker(Root(cfg.run.root), cfg, {"ckpt": (lineage.teach("ckpt"), lineage.shard)})
+    worker.load("ckpt")
+    start.wait()
+    t0 = time.perf_counter()
+    for s in shards:
+        worker.process(s)
+    out.put(time.perf_counter() - t0)
+
+
+def _stage_scaling(cfg) -> dict:
+    """The ceiling for P5 from the stage's own work: 2 plain processes running `TeachWorker.process` on
+    half the shards each ÷ 1 process on all of them (decode, predict, resample, Zarr writes, markers: what
+    the actors run, minus Ray). Same root, same cache (each shard is its own Zarr shard)."""
+    import multiprocessing as mp
+
+    from pipeline.cache import ensure_cache
+    from pipeline.corpus import shard_ids
+    from pipeline.storage import Root
+
+    root, c = Root(cfg.run.root), cfg.crops
+    shards = shard_ids(root)
+    ensure_cache(root, "ckpt", max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
+                 c.local_store, attrs={})
+    raw = json.loads(cfg.model_dump_json())
+    ctx = mp.get_context("spawn")
+    rate = {}
+    for procs in (1, 2):
+        start, out = ctx.Barrier(procs + 1), ctx.Queue()
+        workers = [ctx.Process(target=_stage_loop, args=(raw, shards[i::procs], start, out)) for i in range(procs)]
+        for w in workers:
+            w.start()
+        start.wait()
+        secs = [out.get() for _ in workers]
+        for w in workers:
+            w.join()
+        rate[procs] = len(shards) / max(secs)
+    return {"ratio": round(rate[2] / rate[1], 4), "shards_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
+
+
 def _scene_maps_ratio(tmp: Path, G: int, L: int, K: int, views: int = 16, shard_size: int = 8) -> dict:
     """P4's codec on exact depth-like maps: rendered scenes' disparity (1/z, sharp object edges and flat
     planes, unlike a random-weight teacher's smooth output) written through `write_shard` like the stage."""
@@ -314,16 +366,18 @@ def run(quick: bool = False, parts: tuple[str, ...] = ("P1", "P4", "P5")) -> dic
                 for actors in (1, 2):
                     rcfg = _config(root5, src, ckpts["tiny"], sizes, shard_size, "ray", actors=actors, num_cpus=0.5)
                     _reset(root5)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     summary = teach.run(rcfg)
-                    wall = time.perf_counter() - t0
+                    wall, driver = time.perf_counter() - t0, time.process_time() - c0
                     marks = _markers(root5, "ckpt")
                     span = max(m["finished"] for m in marks) - min(m["finished"] - m["seconds"] for m in marks)
-                    ray_runs[actors].append({"wall": wall, "span": span, "start_up": summary["start_up_s"],
+                    ray_runs[actors].append({"wall": wall, "span": span, "start_up": summary["start_up_s"], "driver_cpu": driver,
                                              "concurrency": sum(m["seconds"] for m in marks) / span,
                                              "cpu": sum(m["cpu_seconds"] for m in marks)})
             shutdown_ray()
             ceiling = _machine_scaling(ckpts["tiny"], G, batches=p5_images * (1 + K) // 8)
+            _reset(root5)
+            stage_ceiling = _stage_scaling(_config(root5, src, ckpts["tiny"], sizes, shard_size, "inline"))
             fastest = {a: min(runs, key=lambda r: r["span"]) for a, runs in ray_runs.items()}
             best = {a: r["span"] for a, r in fastest.items()}
             best_wall = {a: min(r["wall"] for r in runs) for a, runs in ray_runs.items()}
@@ -339,6 +393,8 @@ def run(quick: bool = False, parts: tuple[str, ...] = ("P1", "P4", "P5")) -> dic
                            # submit → first shard started: Ray Data's start, the actor processes, imports, load
                            "pool_start_up_s": {str(a): r["start_up"] for a, r in fastest.items()},
                            "machine_ceiling_2_vs_1_plain_processes": ceiling,
+                           "stage_ceiling_2_vs_1_plain_processes": stage_ceiling,
+                           "of_stage_ceiling": round(best[1] / best[2] / stage_ceiling["ratio"], 4),
                            # Σ shard seconds ÷ span: how many shards were in progress at once, on average
                            "concurrency": {str(a): round(r["concurrency"], 3) for a, r in fastest.items()},
                            "cpu_seconds": {str(a): round(r["cpu"], 2) for a, r in fastest.items()},

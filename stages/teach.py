@@ -197,10 +197,11 @@ def _pool_dataset(root: Root, cfg: DadConfig, cells: list[dict], fps: dict[str, 
     acfg = with_absolute_paths(cfg)  # actors may run in another working directory, or on another node
     return ds.map_batches(TeachWorker, fn_constructor_args=(Root(acfg.run.root, root.storage_options), acfg, fps),
                           batch_size=1,
-                          # A task is one cell and its input one row: nothing to prefetch, so each actor holds
-                          # one task at a time and no cell waits behind a busy actor at the end.
+                          # A task is one cell. Two in flight per actor: the next cell is already queued when
+                          # one ends (on 2 busy cores Ray's dispatch took ~0.2 s per cell, 17 % of a small
+                          # teacher's time); at the end at most one cell waits behind a busy actor.
                           compute=ray.data.ActorPoolStrategy(size=min(tcfg.actors, len(cells)),
-                                                             max_tasks_in_flight_per_actor=1), **remote_args)
+                                                             max_tasks_in_flight_per_actor=2), **remote_args)
 
 
 def _failed_cell(err: BaseException) -> CellFailed | None:
