@@ -32,7 +32,6 @@ from bench.kit.images import write_sources
 from bench.kit.s3 import S3_CREDS, moto_s3
 from pipeline.cli import app
 
-
 pytestmark = pytest.mark.usefixtures("root_logger_restored")
 
 
