@@ -280,6 +280,16 @@ def _scene_maps_ratio(tmp: Path, G: int, L: int, K: int, views: int = 16, shard_
             "maps": "rendered scenes (scenes.render), disparity 1/z, 0 for sky"}
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU-seconds every process of this machine has used since boot (/proc/stat; None elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -366,14 +376,19 @@ def run(quick: bool = False, parts: tuple[str, ...] = ("P1", "P4", "P5")) -> dic
                 for actors in (1, 2):
                     rcfg = _config(root5, src, ckpts["tiny"], sizes, shard_size, "ray", actors=actors, num_cpus=0.5)
                     _reset(root5)
-                    t0, c0 = time.perf_counter(), time.process_time()
+                    t0, c0, b0 = time.perf_counter(), time.process_time(), _busy_cpu_s()
                     summary = teach.run(rcfg)
-                    wall, driver = time.perf_counter() - t0, time.process_time() - c0
+                    wall, driver, b1 = time.perf_counter() - t0, time.process_time() - c0, _busy_cpu_s()
                     marks = _markers(root5, "ckpt")
                     span = max(m["finished"] for m in marks) - min(m["finished"] - m["seconds"] for m in marks)
-                    ray_runs[actors].append({"wall": wall, "span": span, "start_up": summary["start_up_s"], "driver_cpu": driver,
+                    cells = sum(m["cpu_seconds"] for m in marks)
+                    ray_runs[actors].append({"wall": wall, "span": span, "start_up": summary["start_up_s"],
                                              "concurrency": sum(m["seconds"] for m in marks) / span,
-                                             "cpu": sum(m["cpu_seconds"] for m in marks)})
+                                             "cpu": cells, "driver_cpu": driver,
+                                             # the actors' start-up, Ray's daemons and helper actors, and
+                                             # anything else running: all the machine's CPU but the cells'
+                                             # and the driver's, over the whole run
+                                             "other_cpu": (b1 - b0 - cells - driver) if b0 is not None else -1})
             shutdown_ray()
             ceiling = _machine_scaling(ckpts["tiny"], G, batches=p5_images * (1 + K) // 8)
             _reset(root5)
