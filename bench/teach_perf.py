@@ -181,22 +181,29 @@ def _predict_loop(ckpt: str, side: int, batches: int, start, out) -> None:
     out.put(time.perf_counter() - t0)
 
 
-def _machine_scaling(ckpt: Path, side: int, batches: int) -> dict:
-    """The ceiling for P5 on this machine right now: 2 plain processes ÷ 1, same teacher, no Ray."""
+def _timed_processes(target, args_of) -> dict[int, float]:
+    """1 then 2 spawned processes running `target(*args_of(procs, i), start, out)`, released together by a
+    barrier; procs → the slowest one's seconds."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    rate = {}
+    secs = {}
     for procs in (1, 2):
         start, out = ctx.Barrier(procs + 1), ctx.Queue()
-        workers = [ctx.Process(target=_predict_loop, args=(str(ckpt), side, batches, start, out)) for _ in range(procs)]
+        workers = [ctx.Process(target=target, args=(*args_of(procs, i), start, out)) for i in range(procs)]
         for w in workers:
             w.start()
         start.wait()
-        secs = [out.get() for _ in workers]
+        secs[procs] = max(out.get() for _ in workers)
         for w in workers:
             w.join()
-        rate[procs] = procs * batches * 4 / max(secs)
+    return secs
+
+
+def _machine_scaling(ckpt: Path, side: int, batches: int) -> dict:
+    """The ceiling for P5 on this machine right now: 2 plain processes ÷ 1, same teacher, no Ray."""
+    secs = _timed_processes(_predict_loop, lambda procs, i: (str(ckpt), side, batches))
+    rate = {procs: procs * batches * 4 / s for procs, s in secs.items()}
     return {"ratio": round(rate[2] / rate[1], 4), "images_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
 
 
@@ -226,8 +233,6 @@ def _stage_scaling(cfg) -> dict:
     """The ceiling for P5 from the stage's own work: 2 plain processes running `TeachWorker.process` on
     half the shards each ÷ 1 process on all of them (decode, predict, resample, Zarr writes, markers: what
     the actors run, minus Ray). Same root, same cache (each shard is its own Zarr shard)."""
-    import multiprocessing as mp
-
     from pipeline.cache import ensure_cache
     from pipeline.corpus import shard_ids
     from pipeline.storage import Root
@@ -237,18 +242,8 @@ def _stage_scaling(cfg) -> dict:
     ensure_cache(root, "ckpt", max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
                  c.local_store, attrs={})
     raw = json.loads(cfg.model_dump_json())
-    ctx = mp.get_context("spawn")
-    rate = {}
-    for procs in (1, 2):
-        start, out = ctx.Barrier(procs + 1), ctx.Queue()
-        workers = [ctx.Process(target=_stage_loop, args=(raw, shards[i::procs], start, out)) for i in range(procs)]
-        for w in workers:
-            w.start()
-        start.wait()
-        secs = [out.get() for _ in workers]
-        for w in workers:
-            w.join()
-        rate[procs] = len(shards) / max(secs)
+    secs = _timed_processes(_stage_loop, lambda procs, i: (raw, shards[i::procs]))
+    rate = {procs: len(shards) / s for procs, s in secs.items()}
     return {"ratio": round(rate[2] / rate[1], 4), "shards_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
 
 
