@@ -2,10 +2,12 @@
 
     python -m bench.teach_perf [--quick] [P1 P4 P5]   (P1/P4 alone skip the Ray runs)
 
-Teachers are `checkpoint` students with fixed random weights on scikit-image photos cut by the shard stage,
+Teachers: `checkpoint` students with fixed random weights on scikit-image photos cut by the shard stage,
 and (P1) the demo's real TFLite teachers. P1: `TeachWorker.process` images/s ÷ the bare model loop on the
-same inputs (`teacher.predict`, or the interpreter alone), in process CPU time; P4: cache bytes per sample ÷ float32 (G² + K·L²) × 4; P5: images/s with 2 actors ÷ 1 (the machine's
-own 2-process ceiling in the detail). Each measure is repeated and the best run kept.
+same inputs (`teacher.predict`, or the interpreter alone), in process CPU time. P4: cache bytes per sample
+÷ float32 (G² + K·L²) × 4. P5: images/s with 2 actors ÷ 1 over 16 shards, beside two ceilings measured in
+the same run (2 plain processes ÷ 1 on the bare model, and on the stage's per-shard work without Ray).
+Each measure is repeated and the best run kept.
 """
 
 from __future__ import annotations

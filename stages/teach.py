@@ -2,9 +2,9 @@
 
 For each (teacher, shard) cell without a current marker: build the G×G global input and the K local
 inputs from the stored region, predict, resample the locals to L×L, write the shard's slice of
-`cache/<teacher>/` in one call, then the marker. Each teacher runs as a Ray Data actor pool (the model
-loaded once per actor, resources from its config), one corpus shard per call, so one task writes one Zarr
-shard. Adding or changing a teacher redoes only its cells, and a cache under a read lease (`dad score`,
+`cache/<teacher>/` in one call, then the marker. Teachers whose actors ask for the same resources run
+as one Ray Data actor pool (each actor loads a teacher once, one model at a time), one cell per call, so
+one task writes one Zarr shard. Adding or changing a teacher redoes only its cells, and a cache under a read lease (`dad score`,
 `dad train`) is never rewritten. Inputs: docs/method.md §1; cells and checks: docs/run-root.md.
 """
 
