@@ -92,6 +92,20 @@ def _interpreter_loop(worker, images: list[np.ndarray]):
     return loop
 
 
+def _onnx_loop(worker, images: list[np.ndarray]):
+    """The bare loop for an ONNX teacher: `session.run` alone on the shard's batches, already resized and
+    normalised as the adapter does."""
+    from stages.teach import to_tensor
+    from stages.teachers import resize_to_multiple
+
+    t, bs = worker.teacher, worker.tcfg.batch_size
+    arrays = []
+    for i in range(0, len(images), bs):
+        x = resize_to_multiple(to_tensor(images[i:i + bs]), t.input_size) if t.input_size else to_tensor(images[i:i + bs])
+        arrays.append(np.ascontiguousarray(((x - t.mean) / t.std).numpy().astype(t.dtype)))
+    return lambda: [t.session.run([t.output.name], {t.input.name: a}) for a in arrays]
+
+
 def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
     """Per shard, alternately: the bare model loop on that shard's exact inputs (prepared beforehand, by
     `bare`), then `TeachWorker.process(shard)`. Both share one teacher instance, so they see the
@@ -163,6 +177,30 @@ def _tflite_p1(tmp: Path, src: Path, sizes: dict, shard_size: int, reps: int) ->
                                                                    "the bare interpreter loop on that shard's images")
         out[name] = p1
     return out
+
+
+def _onnx_p1(tmp: Path, ckpt: Path, src: Path, sizes: dict, shard_size: int, reps: int) -> dict:
+    """P1 for the ONNX adapter: the tiny student exported by `dad export`'s writer, run by onnxruntime
+    (1 thread); pipeline ÷ `session.run` alone on the same batches."""
+    from pipeline.config import load_config
+    from stages import shard
+    from stages.export import export_onnx
+    from student.checkpoint import load_checkpoint
+
+    try:
+        export_onnx(load_checkpoint(str(ckpt))[0], str(tmp / "tiny.onnx"))
+    except ValueError as err:  # onnx / onnxruntime not installed
+        return {"value": None, "skipped": str(err)}
+    tcfg = {"adapter": "onnx", "model": str(tmp / "tiny.onnx"), "input_size": sizes["global_size"],
+            "batch_size": 4, "torch_threads": 1}
+    cfg = load_config(raw={"run": {"root": str(tmp / "onnx"), "executor": "inline"},
+                           "corpus": {"sources": [str(src)], "shard_size": shard_size},
+                           "crops": sizes, "teachers": {"tiny": tcfg}})
+    shard.run(cfg)
+    p1 = _p1(_interleaved(cfg, "tiny", reps, bare=_onnx_loop), "onnx: tiny student", None, None, reps)
+    p1["detail"]["measure"] = p1["detail"]["measure"].replace("teacher.predict on that shard's batches",
+                                                               "onnxruntime's session.run on that shard's batches")
+    return p1
 
 
 def _predict_loop(ckpt: str, side: int, batches: int, start, out) -> None:
@@ -429,6 +467,8 @@ def run(quick: bool = False, parts: tuple[str, ...] = ("P1", "P4", "P5")) -> dic
                 inter["tiny"], f"{names['tiny']}, input {G}px", stage_wall, ray_wall, reps)
         if not quick:  # the real TFLite teachers of the demo, when the model mirror is here
             results["P1_teach_efficiency"]["detail"]["tflite"] = _tflite_p1(tmp, tmp / "p1", sizes, shard_size, reps)
+            results["P1_teach_efficiency"]["detail"]["onnx"] = _onnx_p1(tmp, ckpts["tiny"], tmp / "p1", sizes,
+                                                                        shard_size, reps)
         results["P1_teach_efficiency"]["detail"]["load_average_1min"] = round(os.getloadavg()[0], 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
