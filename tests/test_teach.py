@@ -334,6 +334,7 @@ def test_teachers_of_one_shape_share_one_ray_actor(tmp_path, ramps, ray_session)
     inline_cfg = sharded(tmp_path, ramps, teachers, name="inline")
     summary = teach.run(ray_cfg)
     assert (summary["cells"], summary["samples"]) == (6, 10) and summary["start_up_s"] > 0
+    assert summary["ray_start_s"] == 0  # this process already had Ray (conftest's session): it was not started again
     teach.run(inline_cfg)
     ledger = Ledger(Root(ray_cfg.run.root))
     pids = {t: {ledger.info("teach", t, c, fp)["pid"] for c, fps in ledger.markers("teach", t).items() for fp in fps}
