@@ -181,7 +181,7 @@ def _run_pool(root: Root, cfg: DadConfig, work: dict[str, list[int]], fps: dict[
                     bar.advance(0, 1)
         except Exception as err:  # Ray wraps the actor's error; name the teacher, keep finished cells
             raise _pool_failed(work, out, err) from err
-    return out, (min(r["started"] for r in out) - t0) if out else 0.0
+    return out, max(0.0, min(r["started"] for r in out) - t0) if out else 0.0  # clocks of other nodes may lag
 
 
 def _pool_dataset(root: Root, cfg: DadConfig, cells: list[dict], fps: dict[str, tuple[str, str]]):
