@@ -65,24 +65,25 @@ def _markers(root: Path, teacher: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def _checkpoint_loop(worker, images: list[np.ndarray]):
-    """The bare loop for a torch teacher: `teacher.predict` on the shard's batches, built beforehand."""
+def _batches(worker, groups: list[list[np.ndarray]]):
+    """The shard's images as the stage batches them: each group (globals, locals) by the teacher's batch size."""
     from stages.teach import to_tensor
 
     bs = worker.tcfg.batch_size
-    batches = [to_tensor(images[i:i + bs]) for i in range(0, len(images), bs)]
+    return [to_tensor(images[i:i + bs]) for images in groups for i in range(0, len(images), bs)]
+
+
+def _checkpoint_loop(worker, groups: list[list[np.ndarray]]):
+    """The bare loop for a torch teacher: `teacher.predict` on the shard's batches, built beforehand."""
+    batches = _batches(worker, groups)
     return lambda: [worker.teacher.predict(b) for b in batches]
 
 
-def _interpreter_loop(worker, images: list[np.ndarray]):
+def _interpreter_loop(worker, groups: list[list[np.ndarray]]):
     """The bare loop for a TFLite teacher: the interpreter alone (set_tensor, invoke, get_tensor) on each
-    image already resized, normalised and quantized to the model's input."""
-    from stages.teach import to_tensor
-    from stages.teachers.tflite import _resized
-
+    image already at the model's size and quantized, as the adapter prepares it."""
     t = worker.teacher
-    mh, mw = t.size
-    inputs = [t.quantize(_resized(to_tensor([img]), mh, mw)[0].permute(1, 2, 0).numpy()) for img in images]
+    inputs = [t.quantize(np.ascontiguousarray(x)) for b in _batches(worker, groups) for x in t.model_images(b)[0]]
 
     def loop():
         for x in inputs:
@@ -92,17 +93,11 @@ def _interpreter_loop(worker, images: list[np.ndarray]):
     return loop
 
 
-def _onnx_loop(worker, images: list[np.ndarray]):
-    """The bare loop for an ONNX teacher: `session.run` alone on the shard's batches, already resized and
-    normalised as the adapter does."""
-    from stages.teach import to_tensor
-    from stages.teachers import resize_to_multiple
-
-    t, bs = worker.teacher, worker.tcfg.batch_size
-    arrays = []
-    for i in range(0, len(images), bs):
-        x = resize_to_multiple(to_tensor(images[i:i + bs]), t.input_size) if t.input_size else to_tensor(images[i:i + bs])
-        arrays.append(np.ascontiguousarray(((x - t.mean) / t.std).numpy().astype(t.dtype)))
+def _onnx_loop(worker, groups: list[list[np.ndarray]]):
+    """The bare loop for an ONNX teacher: `session.run` alone on the shard's batches, prepared as the
+    adapter prepares them."""
+    t = worker.teacher
+    arrays = [t.model_input(b)[0] for b in _batches(worker, groups)]
     return lambda: [t.session.run([t.output.name], {t.input.name: a}) for a in arrays]
 
 
@@ -133,7 +128,7 @@ def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
         for record, region in iter_shard(root, s):
             globals_.append(global_input(region, c.global_size))
             locals_.extend(local_inputs(region, record["boxes"], c.patch))
-        loops[s] = bare(worker, globals_ + locals_)
+        loops[s] = bare(worker, [globals_, locals_])
         images += len(globals_) + len(locals_)
     with torch.no_grad():
         loops[shards[0]]()  # warm-up
@@ -152,12 +147,26 @@ def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
             "images": images, "threads": torch.get_num_threads()}
 
 
+def _adapter_p1(root: Path, src: Path, sizes: dict, shard_size: int, reps: int, name: str, tcfg: dict,
+                bare, label: str, loop: str, **run) -> dict:
+    """P1 for one teacher of another adapter: shard `src` under `root`, then pipeline ÷ `bare` (its bare
+    model loop, described by `loop`), interleaved as for the checkpoint teachers."""
+    from pipeline.config import load_config
+    from stages import shard
+
+    cfg = load_config(raw={"run": {"root": str(root), "executor": "inline", **run},
+                           "corpus": {"sources": [str(src)], "shard_size": shard_size},
+                           "crops": sizes, "teachers": {name: tcfg}})
+    shard.run(cfg)
+    p1 = _p1(_interleaved(cfg, name, reps, bare=bare), label, None, None, reps)
+    p1["detail"]["measure"] = p1["detail"]["measure"].replace("teacher.predict on that shard's batches", loop)
+    return p1
+
+
 def _tflite_p1(tmp: Path, src: Path, sizes: dict, shard_size: int, reps: int) -> dict:
     """P1 for the TFLite adapter: the demo's real teachers (read from the model mirror), 1 thread, no
     flip-averaging (it doubles both sides alike); pipeline ÷ the bare interpreter loop."""
     from bench.kit.configs import demo_teachers, missing_models
-    from pipeline.config import load_config
-    from stages import shard
 
     teachers, mirror = demo_teachers()
     out = {}
@@ -167,23 +176,15 @@ def _tflite_p1(tmp: Path, src: Path, sizes: dict, shard_size: int, reps: int) ->
             out[name] = {"value": None, "skipped": f"model not available here ({why})"}
             continue
         tcfg = {**section, "flip_average": False, "batch_size": 4, "torch_threads": 1, "num_cpus": 1}
-        cfg = load_config(raw={"run": {"root": str(tmp / f"tflite-{name}"), "executor": "inline", "model_mirror": mirror},
-                               "corpus": {"sources": [str(src)], "shard_size": shard_size},
-                               "crops": sizes, "teachers": {name: tcfg}})
-        shard.run(cfg)
-        p1 = _p1(_interleaved(cfg, name, reps, bare=_interpreter_loop), f"tflite: {Path(section['model']).name}",
-                 None, None, reps)
-        p1["detail"]["measure"] = p1["detail"]["measure"].replace("teacher.predict on that shard's batches",
-                                                                   "the bare interpreter loop on that shard's images")
-        out[name] = p1
+        out[name] = _adapter_p1(tmp / f"tflite-{name}", src, sizes, shard_size, reps, name, tcfg, _interpreter_loop,
+                                f"tflite: {Path(section['model']).name}",
+                                "the bare interpreter loop on that shard's images", model_mirror=mirror)
     return out
 
 
 def _onnx_p1(tmp: Path, ckpt: Path, src: Path, sizes: dict, shard_size: int, reps: int) -> dict:
     """P1 for the ONNX adapter: the tiny student exported by `dad export`'s writer, run by onnxruntime
     (1 thread); pipeline ÷ `session.run` alone on the same batches."""
-    from pipeline.config import load_config
-    from stages import shard
     from stages.export import export_onnx
     from student.checkpoint import load_checkpoint
 
@@ -193,14 +194,8 @@ def _onnx_p1(tmp: Path, ckpt: Path, src: Path, sizes: dict, shard_size: int, rep
         return {"value": None, "skipped": str(err)}
     tcfg = {"adapter": "onnx", "model": str(tmp / "tiny.onnx"), "input_size": sizes["global_size"],
             "batch_size": 4, "torch_threads": 1}
-    cfg = load_config(raw={"run": {"root": str(tmp / "onnx"), "executor": "inline"},
-                           "corpus": {"sources": [str(src)], "shard_size": shard_size},
-                           "crops": sizes, "teachers": {"tiny": tcfg}})
-    shard.run(cfg)
-    p1 = _p1(_interleaved(cfg, "tiny", reps, bare=_onnx_loop), "onnx: tiny student", None, None, reps)
-    p1["detail"]["measure"] = p1["detail"]["measure"].replace("teacher.predict on that shard's batches",
-                                                               "onnxruntime's session.run on that shard's batches")
-    return p1
+    return _adapter_p1(tmp / "onnx", src, sizes, shard_size, reps, "tiny", tcfg, _onnx_loop, "onnx: tiny student",
+                       "onnxruntime's session.run on that shard's batches")
 
 
 def _predict_loop(ckpt: str, side: int, batches: int, start, out) -> None:
@@ -321,7 +316,7 @@ def _busy_cpu_s() -> float | None:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except OSError:
         return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 

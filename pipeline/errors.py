@@ -2,7 +2,7 @@
 
 The CLI prints `describe(err)` instead of a traceback (`dad --debug …` or DAD_DEBUG=1 shows the traceback
 as well). Ray wraps a task's exception (RayTaskError), Ray Train a worker's (WorkerGroupError) and the
-stages their own causes (`raise … from err`): `root_cause` / `cause_line` are the one place that unwraps
+stages their own causes (`raise … from err`): `causes` / `root_cause` / `cause_line` are the one place that unwraps
 them. A file of the run root that exists but cannot be parsed raises `DamagedFileError`, whose message
 carries the command that repairs it (`repair_hint`); `damaged_files` is what `dad status` checks.
 """
@@ -85,14 +85,21 @@ def repair_hint(rel: str) -> str:
     return "restore or delete it, then rerun the stage that writes it"
 
 
+def causes(err: BaseException):
+    """`err`, then each exception it wraps, outermost first: through Ray's task wrapper (`.cause`) and every
+    `raise … from`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        inner = getattr(err, "cause", None) if _is_ray(err) else None
+        err = inner if isinstance(inner, BaseException) else err.__cause__
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The innermost exception: through Ray's task wrapper (`.cause`) and every `raise … from`."""
-    while True:
-        inner = getattr(err, "cause", None) if _is_ray(err) else None
-        inner = inner if isinstance(inner, BaseException) else err.__cause__
-        if inner is None:
-            return err
-        err = inner
+    *_, inner = causes(err)
+    return inner
 
 
 def cause_line(err: BaseException) -> str:

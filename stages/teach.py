@@ -34,7 +34,7 @@ from pipeline.cache import (
 from pipeline.config import DadConfig, TeacherCfg, with_absolute_paths
 from pipeline.corpus import iter_shard, require_intact_corpus, shard_ids, tar_record
 from pipeline.crops import global_input, local_inputs
-from pipeline.errors import cause_line
+from pipeline.errors import cause_line, causes
 from pipeline.layout import shard_name
 from pipeline.ledger import Ledger, refuse_if_leased, stage_lock
 from pipeline.lineage import SHARD, Lineage, check_recorded
@@ -89,11 +89,10 @@ class TeachWorker:
         self.threads = torch.get_num_threads()  # Ray's default for this actor's CPUs
         self.name: str | None = None
 
-    def load(self, name: str) -> float:
-        """Make `name` the loaded teacher; the seconds it took (0 when it already was)."""
+    def load(self, name: str) -> None:
+        """Make `name` the loaded teacher (nothing to do when it already is)."""
         if name == self.name:
-            return 0.0
-        t0 = time.time()
+            return
         self.name, self.teacher, self.arrays = None, None, None  # the previous model is freed first
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -103,7 +102,6 @@ class TeachWorker:
         self.teacher = build_teacher(name, tcfg).to(device)
         self.arrays = open_arrays(open_cache(self.root, name, mode="r+"))  # metadata read once per teacher
         self.name, self.tcfg = name, tcfg
-        return time.time() - t0
 
     def __call__(self, batch: dict) -> dict:
         results = [self.cell(str(t), int(s)) for t, s in zip(batch["teacher"], batch["shard"])]
@@ -111,8 +109,8 @@ class TeachWorker:
 
     def cell(self, name: str, shard: int) -> dict:
         try:
-            load = self.load(name)
-            return {**self.process(shard), "load_seconds": round(load, 3)}
+            self.load(name)
+            return self.process(shard)
         except Exception as err:
             raise CellFailed(name, shard, cause_line(err)) from err
 
@@ -204,21 +202,9 @@ def _pool_dataset(root: Root, cfg: DadConfig, cells: list[dict], fps: dict[str, 
                                                              max_tasks_in_flight_per_actor=2), **remote_args)
 
 
-def _failed_cell(err: BaseException) -> CellFailed | None:
-    """The cell that raised, found through Ray's wrappers (`.cause`) and `raise … from`."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, CellFailed):
-            return err
-        inner = getattr(err, "cause", None)
-        err = inner if isinstance(inner, BaseException) else err.__cause__
-    return None
-
-
 def _pool_failed(work: dict[str, list[int]], out: list[dict], err: BaseException) -> RuntimeError:
     """One line: which teacher failed, how many of its shards are kept, the cause, the command to rerun."""
-    cell = _failed_cell(err)
+    cell = next((e for e in causes(err) if isinstance(e, CellFailed)), None)  # which cell raised
     done = {n: sum(r["teacher"] == n for r in out) for n in work}
     name = cell.teacher if cell else next((n for n in work if done[n] < len(work[n])), next(iter(work)))
     return RuntimeError(f"teacher {name!r} failed ({done[name]}/{len(work[name])} shards finished and kept): "
@@ -262,7 +248,9 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
             for name in group:
                 locks.enter_context(stage_lock(root, STAGE, name, break_lock=break_lock,
                                                command=f"dad teach --teacher {name}"))
-                todo = _prepare(root, cfg, ledger, lineage, name, shards, verify, break_lock, totals)
+                todo, recomputed = _prepare(root, cfg, ledger, lineage, name, shards, verify, break_lock)
+                totals["recomputed"] += recomputed
+                totals["skipped"] += len(shards) - len(todo)
                 if todo:
                     work[name] = todo
             if not work:
@@ -279,9 +267,9 @@ def run(cfg: DadConfig, teachers: list[str] | None = None, address: str | None =
 
 
 def _prepare(root: Root, cfg: DadConfig, ledger: Ledger, lineage: Lineage, name: str, shards: list[int],
-             verify: bool, break_lock: bool, totals: dict) -> list[int]:
+             verify: bool, break_lock: bool) -> tuple[list[int], int]:
     """Under the teacher's lock: check and repair its cache's metadata, unmark cells whose bytes changed,
-    create the cache if need be; the shards left to teach."""
+    create the cache if need be; the shards left to teach, and how many of them are recomputed."""
     spec, fp, c = lineage.spec(name), lineage.teach(name), cfg.crops
     attrs = {"teacher": spec.as_attrs(), "output_space": spec.output_space, "license": spec.license,
              "fingerprint": fp, "crops": cfg.crops.model_dump(), "shard_size": cfg.corpus.shard_size}
@@ -299,13 +287,11 @@ def _prepare(root: Root, cfg: DadConfig, ledger: Ledger, lineage: Lineage, name:
     for s, why in sorted(corrupt.items()):
         log.warning("teach %s: shard %s does not match its marker (%s): recomputing", name, shard_name(s), why)
         ledger.unmark(STAGE, name, shard_name(s), fp)  # not "done" while it is being redone
-    totals["recomputed"] += len(corrupt)
     todo = [s for s in shards if shard_name(s) not in done or s in corrupt]
-    totals["skipped"] += len(shards) - len(todo)
     if todo:
         ensure_cache(root, name, max(shards) + 1, cfg.corpus.shard_size, c.global_size, c.local_count,
                      c.local_store, attrs=attrs)
-    return todo
+    return todo, len(corrupt)
 
 
 def _with_work(ledger: Ledger, lineage: Lineage, names: list[str], shards: list[int]) -> list[str]:

@@ -97,9 +97,9 @@ class ONNXTeacher(Teacher):
             return out[:, None]
         return out if out.shape[1] == 1 else out.permute(0, 3, 1, 2)
 
-    @torch.no_grad()
-    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
-        h, w = rgb.shape[-2:]
+    def model_input(self, rgb: torch.Tensor) -> tuple[np.ndarray, tuple[int, int], tuple | None]:
+        """(B,3,H,W) in [0, 1] → the model's input array (resized, normalised, in its layout and dtype),
+        the grid it is on, and the letterbox it fills (None without one)."""
         x = rgb.float().cpu()
         box = None
         if self.size and self.resize == "letterbox":
@@ -110,7 +110,12 @@ class ONNXTeacher(Teacher):
             x = resize_to_multiple(x, self.input_size)
         grid = x.shape[-2:]
         x = (x - self.mean) / self.std
-        arr = np.ascontiguousarray((x.permute(0, 2, 3, 1) if self.nhwc else x).numpy().astype(self.dtype))
+        return np.ascontiguousarray((x.permute(0, 2, 3, 1) if self.nhwc else x).numpy().astype(self.dtype)), grid, box
+
+    @torch.no_grad()
+    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
+        h, w = rgb.shape[-2:]
+        arr, grid, box = self.model_input(rgb)
         step = self.batch or len(arr)
         outs = torch.cat([self.run(arr[i:i + step]) for i in range(0, len(arr), step)])
         if outs.shape[-2:] != grid:  # an output at another resolution: bring it to the input grid first

@@ -70,15 +70,20 @@ class TFLiteTeacher(Teacher):
         out = out.astype(np.float32) if np.dtype(out.dtype).kind == "f" else (out.astype(np.float32) - zero) * scale
         return out.reshape(out.shape[1:3]) if out.ndim == 4 else out.reshape(out.shape[-2:])
 
-    @torch.no_grad()
-    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
-        h, w = rgb.shape[-2:]
+    def model_images(self, rgb: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """(B,3,H,W) in [0, 1] → the images at the model's size (B,H',W',3) and the box they fill."""
         mh, mw = self.size
         if self.resize == "letterbox":
             x, box = _letterbox(rgb.float().cpu(), mh, mw)
         else:
             x, box = _resized(rgb.float().cpu(), mh, mw), (0, 0, mh, mw)
-        images = x.permute(0, 2, 3, 1).numpy()
+        return x.permute(0, 2, 3, 1).numpy(), box
+
+    @torch.no_grad()
+    def predict(self, rgb: torch.Tensor) -> torch.Tensor:
+        h, w = rgb.shape[-2:]
+        mh, mw = self.size
+        images, box = self.model_images(rgb)
         outs = torch.from_numpy(np.stack([self.run(np.ascontiguousarray(img)) for img in images]))[:, None]
         if outs.shape[-2:] != (mh, mw):  # an output at another resolution: bring it to the input grid first
             outs = F.interpolate(outs, size=(mh, mw), mode="bilinear", align_corners=False)
