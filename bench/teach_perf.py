@@ -109,7 +109,7 @@ def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
 
     from pipeline.cache import ensure_cache
     from pipeline.corpus import iter_shard, shard_ids
-    from pipeline.crops import global_input, local_inputs
+    from pipeline.crops import local_inputs
     from pipeline.storage import Root
     from stages.teach import TeachWorker
     from stages.teachers import lineage_for
@@ -125,9 +125,9 @@ def _interleaved(cfg, name: str, reps: int, bare=_checkpoint_loop) -> dict:
     loops, images = {}, 0
     for s in shards:
         globals_, locals_ = [], []
-        for record, region in iter_shard(root, s):
-            globals_.append(global_input(region, c.global_size))
-            locals_.extend(local_inputs(region, record["boxes"], c.patch))
+        for sample in iter_shard(root, s):
+            globals_.append(sample.view(c.global_size))
+            locals_.extend(local_inputs(sample.region(), sample.record["boxes"], c.patch))
         loops[s] = bare(worker, [globals_, locals_])
         images += len(globals_) + len(locals_)
     with torch.no_grad():

@@ -24,8 +24,7 @@ from bench.kit.configs import dad_config, demo_teachers, missing_models
 from bench.kit.images import write_photos
 from bench.kit.train import build_cached_run, live_student, stream_for
 from pipeline.corpus import iter_shard
-from pipeline.crops import global_input, local_inputs
-from pipeline.images import decode_trusted
+from pipeline.crops import local_inputs
 from stages.teach import predict_batched, resample
 from student.checkpoint import load_checkpoint
 from student.data import EpochPlan, collate, draw_teacher, prefetch
@@ -131,12 +130,11 @@ class OnlineStream:
         bs = self.cfg.train.batch_size
         items = []
         for shard in s.shards(epoch, 0, 1):
-            records = {rec["row"]: (rec, img) for rec, img in iter_shard(s.spec.root, shard, decode=False)}
+            samples = {smp.record["row"]: smp for smp in iter_shard(s.spec.root, shard)}
             for row in s.order(shard, epoch):
-                rec, data = records[row]
-                region = decode_trusted(data)
-                glob, locs = global_input(region, c.global_size), local_inputs(region, rec["boxes"], c.patch)
-                items.append((row, rec["boxes"], glob, locs))
+                smp = samples[row]
+                glob, locs = smp.view(c.global_size), local_inputs(smp.region(), smp.record["boxes"], c.patch)
+                items.append((row, smp.record["boxes"], glob, locs))
                 if len(items) == bs:
                     yield items
                     items = []

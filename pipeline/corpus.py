@@ -12,11 +12,13 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 from webdataset import tariterators
 
+from pipeline.crops import global_input
 from pipeline.images import decode_trusted
 from pipeline.layout import CORPUS_PARTS, CORPUS_SHARDS, MANIFEST, corpus_shard, rel_path, shard_name
 from pipeline.ledger import Ledger
@@ -39,9 +41,33 @@ def shard_rel(shard: int) -> str:
     return rel_path(corpus_shard(shard))
 
 
-def iter_shard(root: Root, shard: int, decode: bool = True, expect: dict | None = None
-               ) -> Iterator[tuple[dict, np.ndarray | bytes]]:
-    """Yield (record, rgb) for every sample of a shard, in shard order.
+VIEW = "global.webp"  # the member holding a sample's G×G global view (lossless WebP)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One stored sample: its manifest row and its encoded members, decoded only when asked for."""
+
+    record: dict
+    members: dict[str, bytes]
+
+    def region(self) -> np.ndarray:
+        """The square region at its stored resolution (the teachers' local patches are cut from it)."""
+        return decode_trusted(self.members["png"] if "png" in self.members else self.members["jpg"])
+
+    def view(self, g: int) -> np.ndarray:
+        """The G×G global view every teacher and the student see: `global_input` of the stored region.
+        `dad shard` stores it, lossless, beside the region (decoding it costs a third of decoding the region
+        and resizing it); a shard written before it did, or at another G, has it computed: the same pixels."""
+        if VIEW in self.members:
+            view = decode_trusted(self.members[VIEW])
+            if view.shape[:2] == (g, g):
+                return view
+        return global_input(self.region(), g)
+
+
+def iter_shard(root: Root, shard: int, expect: dict | None = None) -> Iterator[Sample]:
+    """Yield every sample of a shard, in shard order.
 
     `expect` ({"bytes", "sha256"} from the shard's marker): the tar is read once, checked, and only then
     split, so no sample of a shard that differs from what was written is ever yielded."""
@@ -54,9 +80,8 @@ def iter_shard(root: Root, shard: int, decode: bool = True, expect: dict | None 
             f = io.BytesIO(data)
         files = ({**entry, "__url__": url} for entry in tariterators.tar_file_iterator(f))
         for sample in tariterators.group_by_keys(files):
-            record = json.loads(sample["json"])
-            image = sample.get("png", sample.get("jpg"))
-            yield record, decode_trusted(image) if decode else image
+            members = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
+            yield Sample(json.loads(sample["json"]), members)
 
 
 # -- integrity of stored corpus objects ---------------------------------------------------------

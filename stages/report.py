@@ -19,7 +19,6 @@ import numpy as np
 from pipeline.cache import as_disparity, open_cache, read_rows
 from pipeline.config import DadConfig
 from pipeline.corpus import iter_shard, manifest, tar_record
-from pipeline.crops import global_input
 from pipeline.layout import (
     METRICS_LOG,
     MODEL,
@@ -305,9 +304,9 @@ def picture_grid(root: Root, cfg: DadConfig, n: int = 4) -> str:
     images = {}
     corpus_fp = Lineage(cfg).shard
     for shard in sorted({r["shard"] for r in rows}):
-        for rec, region in iter_shard(root, shard, expect=tar_record(root, corpus_fp, shard)):  # checked before use
-            if rec["row"] in wanted:
-                images[rec["row"]] = global_input(region, g)
+        for sample in iter_shard(root, shard, expect=tar_record(root, corpus_fp, shard)):  # checked before use
+            if sample.record["row"] in wanted:
+                images[sample.record["row"]] = sample.view(g)
     for i, r in enumerate(rows):
         axes[i][0].imshow(images[r["row"]])
         axes[i][0].set_title("input" if i == 0 else "")

@@ -34,9 +34,10 @@ from pipeline.corpus import (
     mismatch,
     shard_rel,
     verify_corpus,
+    VIEW,
 )
-from pipeline.crops import plan_crops
-from pipeline.images import Rejected, decode_rgb, encode, resize
+from pipeline.crops import global_input, plan_crops
+from pipeline.images import Rejected, decode_rgb, decode_trusted, encode, resize
 from pipeline.layout import (
     CROP_PLAN,
     LISTING,
@@ -79,6 +80,7 @@ class ShardJob:
     shard: int
     items: list[tuple[str, str]]          # (uri, sha256) in shard order
     expect: dict | None = None            # a repair: the tar must rebuild into exactly these bytes
+    views: bool = True                    # store each sample's global view (a repair: as its marker says)
 
 
 # -- step 1: listing ------------------------------------------------------------------------
@@ -270,8 +272,12 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
                    "index": index, "source_uri": uri, "width": w, "height": h, **plan.to_row(),
                    "stored_side": stored, "sha256": sha}
             ext = "png" if c.image_format == "png" else "jpg"
-            tar.write({"__key__": sample_id, ext: encode(region, c.image_format, c.jpeg_quality),
-                       "json": json.dumps(row, sort_keys=True).encode()})
+            stored_region = encode(region, c.image_format, c.jpeg_quality)
+            members = {"__key__": sample_id, ext: stored_region, "json": json.dumps(row, sort_keys=True).encode()}
+            if job.views:  # the global view as later stages compute it: from the stored (maybe lossy) region
+                decoded = region if c.image_format == "png" else decode_trusted(stored_region)
+                members[VIEW] = encode(global_input(decoded, k.global_size), "webp")
+            tar.write(members)
             manifest.append(row)
     name = shard_name(job.shard)
     tar_digest = digest_of(buf.getvalue())
@@ -287,9 +293,18 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
         data = parquet_bytes(table)
         root.write_bytes(data, rel)
         objects[rel] = digest_of(data)
-    info = {"samples": len(manifest), "rejects": len(rejects), "objects": objects}
+    info = {"samples": len(manifest), "rejects": len(rejects), "global_view": job.views, "objects": objects}
     Ledger(root).mark(STAGE, "_", name, fp, info)
     return info
+
+
+def _recorded_views(ledger: Ledger, fp: str, shard: int) -> bool:
+    """Whether the recorded tar stores the global views (a shard written before they were stored does not:
+    its repair must rebuild it without them to get its recorded bytes back)."""
+    try:
+        return bool(ledger.info(STAGE, "_", shard_name(shard), fp).get("global_view"))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 # -- step 4: finalize --------------------------------------------------------------------------
@@ -361,6 +376,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, ve
             if j.shard in recorded:
                 objs = recorded[j.shard]
                 j.expect = objs[shard_rel(j.shard)] if objs else file_digest(root, shard_rel(j.shard))
+                j.views = _recorded_views(ledger, fp, j.shard)
         private = private_for(cfg, ledger, fp) if todo else {}
         for _ in ex.map(partial(write_shard, root=root, cfg=cfg, fp=fp, private=private), todo, description="shard"):
             pass

@@ -1,8 +1,8 @@
 """Teach stage: run every teacher on every corpus shard; cache global + local predictions in Zarr.
 
-For each (teacher, shard) cell without a current marker: build the G×G global input and the K local
-inputs from the stored region, predict, resample the locals to L×L, write the shard's slice of
-`cache/<teacher>/` in one call, then the marker. Teachers whose actors ask for the same resources run
+For each (teacher, shard) cell without a current marker: read the G×G global view that `dad shard`
+stored, cut the K local inputs from the stored region, predict, resample the locals to L×L, write the
+shard's slice of `cache/<teacher>/` in one call, then the marker. Teachers whose actors ask for the same resources run
 as one Ray Data actor pool (each actor loads a teacher once, one model at a time), one cell per call, so
 one task writes one Zarr shard. Adding or changing a teacher redoes only its cells, and a cache under a read lease (`dad score`,
 `dad train`) is never rewritten. Inputs: docs/method.md §1; cells and checks: docs/run-root.md.
@@ -33,7 +33,7 @@ from pipeline.cache import (
 )
 from pipeline.config import DadConfig, TeacherCfg, with_absolute_paths
 from pipeline.corpus import iter_shard, require_intact_corpus, shard_ids, tar_record
-from pipeline.crops import global_input, local_inputs
+from pipeline.crops import local_inputs
 from pipeline.errors import cause_line, causes
 from pipeline.layout import shard_name
 from pipeline.ledger import Ledger, refuse_if_leased, stage_lock
@@ -121,9 +121,9 @@ class TeachWorker:
         fp, corpus_fp = self.fps[self.name]
         globals_, locals_ = [], []
         # the tar is checked against its shard marker (sha256, once) before any sample is used
-        for record, region in iter_shard(self.root, shard, expect=tar_record(self.root, corpus_fp, shard)):
-            globals_.append(global_input(region, crops.global_size))
-            locals_.extend(local_inputs(region, record["boxes"], crops.patch))
+        for sample in iter_shard(self.root, shard, expect=tar_record(self.root, corpus_fp, shard)):
+            globals_.append(sample.view(crops.global_size))
+            locals_.extend(local_inputs(sample.region(), sample.record["boxes"], crops.patch))
         n, k = len(globals_), crops.local_count
         g_pred = predict_batched(self.teacher, globals_, bs) if n else np.zeros((0, crops.global_size, crops.global_size))
         l_pred = predict_batched(self.teacher, locals_, bs) if n else np.zeros((0, crops.patch, crops.patch))

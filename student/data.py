@@ -18,9 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader, as_disparity, open_cache
-from pipeline.corpus import iter_shard
-from pipeline.crops import global_input
-from pipeline.images import decode_trusted
+from pipeline.corpus import Sample, iter_shard
 from pipeline.storage import Root
 from pipeline.targets import mix_targets
 
@@ -145,8 +143,8 @@ class TargetStream:
             yield from self._prepare(job, epoch)
 
     def _jobs(self, epoch: int, rank: int, world: int, skip: int, size: int) -> Iterator[list[tuple]]:
-        """Groups of `size` samples (the last of a shard may be smaller), each [(record, encoded image,
-        teacher)]: everything a worker thread needs to produce them. Tars are read here (cheap, in order)."""
+        """Groups of `size` samples (the last of a shard may be smaller), each [(stored sample, teacher,
+        readers)]: everything a worker thread needs to produce them. Tars are read here (cheap, in order)."""
         s = self.spec
         for shard in self.shards(epoch, rank, world):
             ordered = self.order(shard, epoch)
@@ -155,9 +153,8 @@ class TargetStream:
                 continue
             ordered, skip = ordered[skip:], 0
             wanted = set(ordered)
-            encoded = {rec["row"]: (rec, data) for rec, data in iter_shard(s.root, shard, decode=False)
-                       if rec["row"] in wanted}
-            missing = wanted - set(encoded)
+            stored = {smp.record["row"]: smp for smp in iter_shard(s.root, shard) if smp.record["row"] in wanted}
+            missing = wanted - set(stored)
             if missing:
                 raise ValueError(f"corpus shard {shard} lacks rows {sorted(missing)[:5]} that the selection "
                                  f"keeps: the corpus changed after `dad score`; rerun `dad score`")
@@ -165,17 +162,17 @@ class TargetStream:
             readers = {t: ShardTargets(self.groups[t], ordered if s.mix else [r for r in ordered if drawn[r] == ti])
                        for ti, t in enumerate(s.teachers)}
             for i in range(0, len(ordered), size):
-                yield [(*encoded.pop(r), drawn[r], readers) for r in ordered[i:i + size]]
+                yield [(stored.pop(r), drawn[r], readers) for r in ordered[i:i + size]]
 
     def _prepare(self, job: list[tuple], epoch: int) -> list[dict]:
-        """Read the drawn teachers' targets of a group of samples, decode the images, augment."""
+        """Read the drawn teachers' targets of a group of samples, decode the global views, augment."""
         targets: dict[int, dict] = {}
         by_shard: dict[int, tuple[dict, dict]] = {}  # a batch may span two shards: each has its readers
-        for rec, _, t, readers in job:
-            by_shard.setdefault(id(readers), (readers, {}))[1][rec["row"]] = t
+        for smp, t, readers in job:
+            by_shard.setdefault(id(readers), (readers, {}))[1][smp.record["row"]] = t
         for readers, chosen in by_shard.values():
             targets.update(self._targets(list(chosen), chosen, readers))
-        return [self._sample(rec, decode_trusted(data), targets[rec["row"]], t, epoch) for rec, data, t, _ in job]
+        return [self._sample(smp, targets[smp.record["row"]], t, epoch) for smp, t, _ in job]
 
     def _targets(self, rows: list[int], chosen: dict[int, int], readers: dict[str, ShardTargets]) -> dict[int, dict]:
         out: dict[int, dict] = {}
@@ -204,10 +201,10 @@ class TargetStream:
                           "local_valid": data["local_valid"][i]}
         return out
 
-    def _sample(self, record: dict, region: np.ndarray, tgt: dict, teacher: int, epoch: int) -> dict:
-        s = self.spec
+    def _sample(self, smp: Sample, tgt: dict, teacher: int, epoch: int) -> dict:
+        s, record = self.spec, smp.record
         rng = np.random.default_rng([s.seed, epoch, record["row"], 101])
-        image = global_input(region, s.global_size).astype(np.float32)
+        image = smp.view(s.global_size).astype(np.float32)
         image /= 255.0
         g, gv = tgt["global"], tgt["global_valid"] & np.isfinite(tgt["global"])
         loc, lv = tgt["local"], tgt["local_valid"] & np.isfinite(tgt["local"])

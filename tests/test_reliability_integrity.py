@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from teach_fixtures import tree_hashes
 from typer.testing import CliRunner
 
@@ -200,6 +202,54 @@ def test_markers_without_digests_are_read_unchecked_and_recorded_by_shard_verify
     assert tar.read_bytes() == good
     assert ledger.info("shard", "_", "000000", fp)["objects"]["corpus/shards/000000.tar"]["bytes"] == len(good)
     assert set(ledger.info("shard", "_", "final", fp)["objects"]) == set(shard.FINAL_FILES)
+
+
+def _without_views(root: Root, fp: str) -> None:
+    """Make the corpus what `dad shard` wrote before it stored the global views: each tar rewritten with the
+    region and the row only (the same tar writer), its marker recording that tar and no `global_view`."""
+    import webdataset as wds
+
+    ledger = Ledger(root)
+    for tar_path in sorted(Path(root.path("corpus", "shards")).glob("*.tar")):
+        samples = {}
+        with tarfile.open(tar_path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, user="dad", group="dad", mtime=0.0, encoder=False) as tar:
+            for sample in samples.values():
+                tar.write({k: v for k, v in sample.items() if k != "global.webp"})
+        tar_path.write_bytes(buf.getvalue())
+        cell = tar_path.stem
+        info = ledger.info("shard", "_", cell, fp)
+        info.pop("global_view")
+        info["objects"][f"corpus/shards/{tar_path.name}"] = {"bytes": len(buf.getvalue()),
+                                                              "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+        root.write_json(info, "ledger", "shard", "_", f"{cell}.{fp}.json")
+
+
+def test_a_corpus_sharded_before_views_were_stored_trains_the_same_and_repairs_into_its_own_bytes(tmp_path):
+    """Shards written before `dad shard` stored each sample's G×G view still work: the view is computed from
+    the region (the same pixels, so the same batches, and no stage redoes anything), and `dad shard --verify`
+    rebuilds a damaged one without views, into the bytes its marker recorded."""
+    from bench.kit.train import stream_for
+
+    cfg, root, _ = _jpeg_run(tmp_path)
+    fp = Lineage(cfg).shard
+    with_views = list(stream_for(cfg, flip=True, jitter=0.1).batches(0, 0, 1, 3))
+    _without_views(root, fp)
+    tar = Path(root.path("corpus", "shards", "000001.tar"))
+    old = tar.read_bytes()
+    assert b"global.webp" not in old
+    assert verify_corpus(root, fp, deep=True) == [] and teach.run(cfg, verify=True)["recomputed"] == 0
+    computed = list(stream_for(cfg, flip=True, jitter=0.1).batches(0, 0, 1, 3))
+    for a, b in zip(with_views, computed, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _flip_inside_a_jpeg(tar)
+    summary = shard.run(cfg, verify=True)
+    assert summary["written"] == 1 and tar.read_bytes() == old
+    assert verify_corpus(root, fp, deep=True) == []
 
 
 # -- item 10: sources changed since `dad shard` ------------------------------------------------------------

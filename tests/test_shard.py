@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from bench.kit.configs import dad_config
+from pipeline.crops import global_input
 from pipeline.images import decode_rgb, decode_trusted
 from pipeline.lineage import StaleConfigError
 from pipeline.storage import Root
@@ -129,20 +130,22 @@ def test_bad_files_are_rejected_with_reasons_and_good_ones_sharded(tmp_path, bad
     by_key = {}
     for shard_no in range(5):
         members = tar_members(root.read_bytes("corpus", "shards", f"{shard_no:06d}.tar"))
-        # WebDataset layout: each key's files are adjacent (<key>.json, <key>.png), keys in index order
-        keys = [n.rsplit(".", 1)[0] for n, _ in members]
-        assert [n.rsplit(".", 1)[1] for n, _ in members] == ["json", "png"] * (len(members) // 2)
-        assert keys[::2] == keys[1::2] == [r["sample_id"] for r in manifest if r["shard"] == shard_no]
-        for (_, meta), (_, png) in zip(members[::2], members[1::2]):
-            by_key[json.loads(meta)["sample_id"]] = (decode_trusted(png), json.loads(meta))
+        # WebDataset layout: each key's files are adjacent (<key>.global.webp, <key>.json, <key>.png), keys
+        # in index order
+        keys = [n.split(".", 1)[0] for n, _ in members]
+        assert [n.split(".", 1)[1] for n, _ in members] == ["global.webp", "json", "png"] * (len(members) // 3)
+        assert keys[::3] == keys[1::3] == keys[2::3] == [r["sample_id"] for r in manifest if r["shard"] == shard_no]
+        for (_, view), (_, meta), (_, png) in zip(members[::3], members[1::3], members[2::3]):
+            by_key[json.loads(meta)["sample_id"]] = (decode_trusted(png), json.loads(meta), decode_trusted(view))
     assert len(by_key) == 7
 
     for row in manifest:
         name = row["source_uri"].rsplit("/", 1)[-1]
         data = good[name]
         assert row["sha256"] == hashlib.sha256(data).hexdigest() and row["sample_id"] == row["sha256"][:16]
-        stored, meta = by_key[row["sample_id"]]
+        stored, meta, view = by_key[row["sample_id"]]
         assert meta == row
+        np.testing.assert_array_equal(view, global_input(stored, cfg.crops.global_size))  # the view, lossless
         rgb = decode_rgb(data, BIG)  # oriented, RGB; every good image here is smaller than min_region
         assert (row["height"], row["width"]) == rgb.shape[:2]
         x0, y0, s = row["region_x0"], row["region_y0"], row["region_side"]
@@ -282,7 +285,12 @@ def test_region_cap_and_jpeg_output(tmp_path, media):
     assert 644 <= a["region_side"] <= 700 and a["stored_side"] == 320 and a["patch"] == 560
     assert b["region_side"] == 400 and b["stored_side"] == 320 and b["patch"] == round(560 * 400 / 644)
     members = dict(tar_members(root.read_bytes("corpus", "shards", "000000.tar")))
-    assert set(members) == {f"{r['sample_id']}.{ext}" for r in (a, b) for ext in ("jpg", "json")}
+    assert set(members) == {f"{r['sample_id']}.{ext}" for r in (a, b) for ext in ("jpg", "json", "global.webp")}
+    for r in (a, b):  # the stored view is the one later stages would compute from the stored (lossy) region
+        view = decode_trusted(members[f"{r['sample_id']}.global.webp"])
+        region = decode_trusted(members[f"{r['sample_id']}.jpg"])
+        assert view.shape == (560, 560, 3)
+        np.testing.assert_array_equal(view, global_input(region, 560))
     img = Image.open(io.BytesIO(members[f"{a['sample_id']}.jpg"]))
     assert (img.format, img.size) == ("JPEG", (320, 320))
     x0, y0, s = a["region_x0"], a["region_y0"], a["region_side"]
