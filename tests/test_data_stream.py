@@ -210,17 +210,25 @@ def test_a_slice_and_single_rows_read_the_same_values(cached):
             assert np.array_equal(picked[k], stored[k], equal_nan=k in ("global", "local")), k
 
 
-def test_jitter_is_the_plain_float64_expression_to_the_bit():
+def test_model_input_is_the_plain_float64_jitter_within_two_float32_ulps():
+    """The single-pass float32 input against the plain expression (float64, on x/255, then flipped and
+    transposed); without jitter it is x/255 to the bit."""
     rng = np.random.default_rng(3)
     for h, w in ((37, 53), (392, 392)):
-        image = (rng.integers(0, 256, (h, w, 3)).astype(np.float32) / 255.0)
-        for view in (image, image[:, ::-1]):
-            b, c, sat = 1 + 0.1 * rng.uniform(-1, 1, 3)
-            gray = view.mean(axis=2, keepdims=True)
-            plain = np.clip(((view - gray) * sat + gray - view.mean()) * c + view.mean() * b, 0, 1)
-            got = data_mod.jitter(view, b, c, sat)
-            assert got.dtype == plain.dtype == np.float64 and np.array_equal(got, plain)
-            assert np.array_equal(view, image if view is image else image[:, ::-1])  # input untouched
+        view = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        view[0, 0], view[-1, -1] = 0, 255  # the clip is reached at both ends
+        kept = view.copy()
+        for flip in (False, True):
+            image = view.astype(np.float32) / 255.0
+            image = image[:, ::-1] if flip else image
+            b, c, sat = 1 + 0.3 * rng.uniform(-1, 1, 3)
+            gray = image.mean(axis=2, keepdims=True)
+            plain = np.clip(((image - gray) * sat + gray - image.mean()) * c + image.mean() * b, 0, 1)
+            got = data_mod.model_input(view, flip, (b, c, sat))
+            assert got.dtype == np.float32 and got.shape == (3, h, w) and got.flags.c_contiguous
+            assert np.abs(got - plain.transpose(2, 0, 1)).max() <= 2.4e-7
+            assert np.array_equal(data_mod.model_input(view, flip, None), image.transpose(2, 0, 1))
+            assert np.array_equal(view, kept)  # input untouched
 
 
 def test_masks_derived_from_values_equal_the_stored_masks(tmp_path):
