@@ -152,7 +152,7 @@ def test_tar_members_never_escape_and_nothing_is_extracted(tmp_path, media):
     with tarfile.open(root.path("corpus", "shards", "000000.tar")) as t:
         names = t.getnames()
     (row,) = root.read_table("corpus", "manifest.parquet").to_pylist()
-    assert names == [f"{row['sample_id']}.json", f"{row['sample_id']}.png"]
+    assert names == [f"{row['sample_id']}.{ext}" for ext in ("global.webp", "json", "png")]
     assert row["source_uri"].endswith("hostile.tar#ok.jpg")
 
 

@@ -53,13 +53,17 @@ class TFLiteTeacher(Teacher):
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """RGB in [0, 1] (H,W,3) → the model's input tensor (1,H,W,3), normalised and quantized as declared."""
-        real = (x - self.mean) / self.std
+        real = np.subtract(x, self.mean, dtype=np.float32)
+        real /= self.std
         dtype = np.dtype(self.input["dtype"])
         scale, zero = self.input["quantization"]
         if dtype.kind == "f":
             return real[None].astype(dtype)
         info = np.iinfo(dtype)
-        return np.clip(np.round(real / scale + zero), info.min, info.max)[None].astype(dtype)
+        real /= scale  # in place, op by op: the values of clip(round(real / scale + zero)) without its temporaries
+        real += zero
+        np.round(real, out=real)
+        return np.clip(real, info.min, info.max, out=real)[None].astype(dtype)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """One image at the model's size (H,W,3) in [0, 1] → the chosen output (H',W'), dequantized."""
