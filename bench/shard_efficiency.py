@@ -1,7 +1,7 @@
 """shard_efficiency: shard-stage images/s ÷ a bare single-process decode→crop→encode loop on the same files.
 
 Both sides do the same per-image work with the same functions (read, sha256, `decode_rgb`, `plan_crops`,
-cut, `encode`); the stage adds a listing pass, Ray tasks, tar and Parquet writes and markers, and spreads
+cut, `stored_members`: the region and its G×G view encoded); the stage adds a listing pass, Ray tasks, tar and Parquet writes and markers, and spreads
 shards over the CPUs. Measured side by side: the bare loop (before and after; the faster counts), the
 stage inline, and the stage on Ray (a cold first run, then the steady-state value on a fresh root). The
 ideal ratio is about the number of CPUs; the goal asks for half of that.
@@ -44,9 +44,10 @@ def make_corpus(folder: Path, n: int, size=(800, 600), seed: int = 0) -> list[Pa
 
 
 def bare_loop(paths: list[Path], cfg) -> float:
-    """Single process: read → sha256 → decode → crop plan → region → encode. Returns seconds."""
+    """Single process: read → sha256 → decode → crop plan → region → encode it and its view. Returns seconds."""
     from pipeline.crops import plan_crops
-    from pipeline.images import decode_rgb, encode, resize
+    from pipeline.images import decode_rgb, resize
+    from stages.shard import stored_members
 
     c, k = cfg.corpus, cfg.crops
     t0 = time.perf_counter()
@@ -60,7 +61,7 @@ def bare_loop(paths: list[Path], cfg) -> float:
         x0, y0, s = plan.region
         stored = min(s, c.max_region)
         region = resize(rgb[y0:y0 + s, x0:x0 + s], (stored, stored))
-        total += len(encode(region, c.image_format, c.jpeg_quality))
+        total += sum(len(v) for v in stored_members(region, cfg).values())
     assert total > 0
     return time.perf_counter() - t0
 

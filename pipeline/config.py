@@ -79,6 +79,10 @@ class CorpusCfg(Section):
                                                              "each read")
     retries: int = Field(2, ge=0, le=20, description="URL sources: attempts after the first that timed out or "
                                                      "lost its connection")
+    view: Literal["webp", "ppm", "none"] = Field(
+        "webp", description="how each sample's G×G global view is stored beside its region: lossless WebP "
+                            "(~0.4× the raw bytes), ppm (raw: decodes ~10× faster, for loaders short of CPU), "
+                            "none (computed from the region every time). The same pixels either way")
 
     @field_validator("extensions")
     @classmethod
@@ -91,8 +95,9 @@ class CorpusCfg(Section):
         return v
 
 
-# How inputs are fetched, not what is made of them: left out of fingerprints and of the recorded-config check.
-FETCH_KEYS = {"corpus": {"timeout", "retries"}}
+# How inputs are fetched or stored, not what is made of them: left out of fingerprints and of the
+# recorded-config check (a shard keeps the view format it was written with; its marker records it).
+FETCH_KEYS = {"corpus": {"timeout", "retries", "view"}}
 
 
 class CropsCfg(Section):

@@ -41,7 +41,7 @@ def shard_rel(shard: int) -> str:
     return rel_path(corpus_shard(shard))
 
 
-VIEW = "global.webp"  # the member holding a sample's G×G global view (lossless WebP)
+VIEWS = {"webp": "global.webp", "ppm": "global.ppm"}  # `corpus.view` → the member holding a sample's G×G view
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,14 @@ class Sample:
 
     def view(self, g: int) -> np.ndarray:
         """The G×G global view every teacher and the student see: `global_input` of the stored region.
-        `dad shard` stores it, lossless, beside the region (decoding it costs a third of decoding the region
-        and resizing it); a shard written before it did, or at another G, has it computed: the same pixels."""
-        if VIEW in self.members:
-            view = decode_trusted(self.members[VIEW])
-            if view.shape[:2] == (g, g):
-                return view
+        `dad shard` stores it, lossless, beside the region (`corpus.view`; decoding the WebP costs a third of
+        decoding the region and resizing it, the raw PPM a thirtieth); a shard written without it, or at
+        another G, has it computed: the same pixels."""
+        for member in VIEWS.values():
+            if member in self.members:
+                view = decode_trusted(self.members[member])
+                if view.shape[:2] == (g, g):
+                    return view
         return global_input(self.region(), g)
 
 

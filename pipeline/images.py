@@ -94,14 +94,17 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
 
 
 def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Deterministic encoding (same array → same bytes): PNG or WebP lossless, or baseline JPEG. WebP
-    (fastest method) decodes in ~0.7× PNG's time at ~0.8× its size, the same pixels."""
+    """Deterministic encoding (same array → same bytes): PNG, WebP (lossless) or PPM (raw), or baseline
+    JPEG. WebP (fastest method) decodes in ~0.7× PNG's time at ~0.8× its size; PPM is a header and the
+    raw bytes."""
     buf = io.BytesIO()
     img = Image.fromarray(rgb)
     if fmt == "png":
         img.save(buf, format="PNG", compress_level=6)
     elif fmt == "webp":
         img.save(buf, format="WEBP", lossless=True, quality=0, method=0, exact=True)
+    elif fmt == "ppm":
+        img.save(buf, format="PPM")
     else:
         img.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
     return buf.getvalue()

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.config import DadConfig
 from pipeline.corpus import (
+    VIEWS,
     ShardCorruptError,
     cell_objects,
     check_object,
@@ -34,7 +36,6 @@ from pipeline.corpus import (
     mismatch,
     shard_rel,
     verify_corpus,
-    VIEW,
 )
 from pipeline.crops import global_input, plan_crops
 from pipeline.images import Rejected, decode_rgb, decode_trusted, encode, resize
@@ -80,7 +81,7 @@ class ShardJob:
     shard: int
     items: list[tuple[str, str]]          # (uri, sha256) in shard order
     expect: dict | None = None            # a repair: the tar must rebuild into exactly these bytes
-    views: bool = True                    # store each sample's global view (a repair: as its marker says)
+    view: str | None = None               # the view format (`corpus.view`); a repair: as its marker says
 
 
 # -- step 1: listing ------------------------------------------------------------------------
@@ -242,6 +243,7 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
     their digests. `job.expect` (a repair): the tar must rebuild into exactly those bytes, else nothing is
     written — a shard that later stages were computed from is never replaced by different content."""
     c, k = cfg.corpus, cfg.crops
+    view = job.view or c.view
     wanted = {uri for uri, _ in job.items}
     blobs: dict[str, bytes | Rejected] = {}
     for unit in _units_for(job.items, private):
@@ -271,13 +273,8 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
             row = {"sample_id": sample_id, "row": job.shard * c.shard_size + index, "shard": job.shard,
                    "index": index, "source_uri": uri, "width": w, "height": h, **plan.to_row(),
                    "stored_side": stored, "sha256": sha}
-            ext = "png" if c.image_format == "png" else "jpg"
-            stored_region = encode(region, c.image_format, c.jpeg_quality)
-            members = {"__key__": sample_id, ext: stored_region, "json": json.dumps(row, sort_keys=True).encode()}
-            if job.views:  # the global view as later stages compute it: from the stored (maybe lossy) region
-                decoded = region if c.image_format == "png" else decode_trusted(stored_region)
-                members[VIEW] = encode(global_input(decoded, k.global_size), "webp")
-            tar.write(members)
+            tar.write({"__key__": sample_id, **stored_members(region, cfg, view),
+                       "json": json.dumps(row, sort_keys=True).encode()})
             manifest.append(row)
     name = shard_name(job.shard)
     tar_digest = digest_of(buf.getvalue())
@@ -293,18 +290,31 @@ def write_shard(job: ShardJob, root: Root, cfg: DadConfig, fp: str, private: dic
         data = parquet_bytes(table)
         root.write_bytes(data, rel)
         objects[rel] = digest_of(data)
-    info = {"samples": len(manifest), "rejects": len(rejects), "global_view": job.views, "objects": objects}
+    info = {"samples": len(manifest), "rejects": len(rejects), "view": view, "objects": objects}
     Ledger(root).mark(STAGE, "_", name, fp, info)
     return info
 
 
-def _recorded_views(ledger: Ledger, fp: str, shard: int) -> bool:
-    """Whether the recorded tar stores the global views (a shard written before they were stored does not:
-    its repair must rebuild it without them to get its recorded bytes back)."""
+def stored_members(region: np.ndarray, cfg: DadConfig, view: str | None = None) -> dict[str, bytes]:
+    """A sample's image members: the region (PNG or JPEG) and its G×G global view in `view` (default
+    `corpus.view`; "none": no view) as later stages would compute it, from the region as stored (after
+    JPEG, if JPEG)."""
+    c, view = cfg.corpus, view or cfg.corpus.view
+    data = encode(region, c.image_format, c.jpeg_quality)
+    out = {"png" if c.image_format == "png" else "jpg": data}
+    if view != "none":
+        stored = region if c.image_format == "png" else decode_trusted(data)
+        out[VIEWS[view]] = encode(global_input(stored, cfg.crops.global_size), view)
+    return out
+
+
+def _recorded_view(ledger: Ledger, fp: str, shard: int) -> str:
+    """The view format of a recorded tar: a shard written before views were stored has none, and its repair
+    must rebuild it without one to get its recorded bytes back."""
     try:
-        return bool(ledger.info(STAGE, "_", shard_name(shard), fp).get("global_view"))
+        return ledger.info(STAGE, "_", shard_name(shard), fp).get("view") or "none"
     except (FileNotFoundError, ValueError):
-        return False
+        return "none"
 
 
 # -- step 4: finalize --------------------------------------------------------------------------
@@ -376,7 +386,7 @@ def run(cfg: DadConfig, address: str | None = None, break_lock: bool = False, ve
             if j.shard in recorded:
                 objs = recorded[j.shard]
                 j.expect = objs[shard_rel(j.shard)] if objs else file_digest(root, shard_rel(j.shard))
-                j.views = _recorded_views(ledger, fp, j.shard)
+                j.view = _recorded_view(ledger, fp, j.shard)
         private = private_for(cfg, ledger, fp) if todo else {}
         for _ in ex.map(partial(write_shard, root=root, cfg=cfg, fp=fp, private=private), todo, description="shard"):
             pass

@@ -210,6 +210,28 @@ def test_a_slice_and_single_rows_read_the_same_values(cached):
             assert np.array_equal(picked[k], stored[k], equal_nan=k in ("global", "local")), k
 
 
+def test_every_view_format_gives_the_same_targets_and_batches(cached, tmp_path):
+    """corpus.view only changes how the G×G view is stored (WebP, raw PPM, or not at all and computed):
+    the same fingerprints, the same cached targets, the same batches."""
+    from pipeline.config import load_config
+    from pipeline.lineage import Lineage
+
+    ref = list(stream_for(cached, flip=True, jitter=0.1).batches(0, 0, 1, 3))
+    ref_cache = {t: read_rows(open_cache(Root(cached.run.root), t), list(range(15))) for t in cached.teachers}
+    for view, member in (("ppm", ".global.ppm"), ("none", None)):
+        cfg = build_cached_run(tmp_path / view, corpus={"view": view})
+        same_but_view = load_config(raw={**cached.model_dump(mode="json"),
+                                         "corpus": {**cached.model_dump(mode="json")["corpus"], "view": view}})
+        assert Lineage(same_but_view).shard == Lineage(cached).shard  # so every later fingerprint too
+        tar = Root(cfg.run.root).read_bytes("corpus", "shards", "000000.tar")
+        assert (b".global.ppm" in tar) == (member is not None) and b".global.webp" not in tar
+        for t in cfg.teachers:
+            got = read_rows(open_cache(Root(cfg.run.root), t), list(range(15)))
+            assert all(np.array_equal(got[k], ref_cache[t][k], equal_nan=True) for k in got), (view, t)
+        for a, b in zip(ref, stream_for(cfg, flip=True, jitter=0.1).batches(0, 0, 1, 3), strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), view
+
+
 def test_model_input_is_the_plain_float64_jitter_within_two_float32_ulps():
     """The single-pass float32 input against the plain expression (float64, on x/255, then flipped and
     transposed); without jitter it is x/255 to the bit."""

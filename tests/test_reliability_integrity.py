@@ -206,7 +206,7 @@ def test_markers_without_digests_are_read_unchecked_and_recorded_by_shard_verify
 
 def _without_views(root: Root, fp: str) -> None:
     """Make the corpus what `dad shard` wrote before it stored the global views: each tar rewritten with the
-    region and the row only (the same tar writer), its marker recording that tar and no `global_view`."""
+    region and the row only (the same tar writer), its marker recording that tar and no `view`."""
     import webdataset as wds
 
     ledger = Ledger(root)
@@ -223,7 +223,7 @@ def _without_views(root: Root, fp: str) -> None:
         tar_path.write_bytes(buf.getvalue())
         cell = tar_path.stem
         info = ledger.info("shard", "_", cell, fp)
-        info.pop("global_view")
+        info.pop("view")
         info["objects"][f"corpus/shards/{tar_path.name}"] = {"bytes": len(buf.getvalue()),
                                                               "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
         root.write_json(info, "ledger", "shard", "_", f"{cell}.{fp}.json")
