@@ -4,9 +4,9 @@ Every source entry is listed and hashed (sample id = content hash; duplicates ar
 samples are assigned to shards in sample-id order, and one Ray task per unfinished shard decodes, draws
 the crop plan, cuts the region (stored with its G×G global view, `corpus.view`), writes the tar and its
 parts, then its marker with their digests; the parts are finally concatenated into the manifest, rejects
-and plan. Same inputs and config → byte-identical
-shards. A damaged cell is rebuilt only into its recorded bytes, and changed sources are refused (shard
-them into a new --root). Paths, markers and checks: docs/run-root.md.
+and plan. Same inputs and config → byte-identical shards. A damaged cell is rebuilt only into its recorded
+bytes, and changed sources are refused (shard them into a new --root). Paths, markers and checks:
+docs/run-root.md.
 """
 
 from __future__ import annotations
