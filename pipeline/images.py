@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -111,8 +112,14 @@ def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
 
 
 def decode_trusted(data: bytes) -> np.ndarray:
-    """Decode bytes this pipeline wrote itself (corpus shards)."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    """Decode bytes this pipeline wrote itself (corpus shards). A lossless WebP (the stored global view,
+    read every epoch) goes to libwebp's RGB decoder through imagecodecs: the same pixels as Pillow, whose
+    animation decoder yields RGBX and repacks it, in ~0.7× the time."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        rgb = imagecodecs.webp_decode(data)
+        return rgb if rgb.ndim == 3 and rgb.shape[2] == 3 else np.asarray(Image.fromarray(rgb).convert("RGB"))
+    img = Image.open(io.BytesIO(data))
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

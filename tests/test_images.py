@@ -180,6 +180,16 @@ def test_encode_is_deterministic_and_png_lossless(media):
     assert np.abs(decode_trusted(jpg).astype(int) - arr).mean() < 6
 
 
+@pytest.mark.parametrize("fmt", ["webp", "ppm"])
+def test_stored_views_decode_to_their_pixels_and_agree_with_pillow(media, fmt):
+    """The view formats are lossless, and the WebP fast path (libwebp via imagecodecs) reads exactly what
+    Pillow reads from the same bytes, a grey and an odd-sized image included."""
+    for arr in (media.image_array(61, 37, seed=3), np.repeat(media.image_array(16, 16, seed=4)[..., :1], 3, 2)):
+        data = encode(arr, fmt)
+        np.testing.assert_array_equal(decode_trusted(data), arr)
+        np.testing.assert_array_equal(decode_trusted(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
 def test_resize_takes_width_height():
     arr = np.zeros((10, 20, 3), np.uint8)
     assert resize(arr, (20, 10)) is arr
