@@ -114,7 +114,7 @@ def encode(rgb: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
 def decode_trusted(data: bytes) -> np.ndarray:
     """Decode bytes this pipeline wrote itself (corpus shards). A lossless WebP (the stored global view,
     read every epoch) goes to libwebp's RGB decoder through imagecodecs: the same pixels as Pillow, whose
-    animation decoder yields RGBX and repacks it, in ~0.7× the time."""
+    animation decoder yields RGBX and repacks it, in 0.74–0.82× its CPU time (measured at 392²)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         rgb = imagecodecs.webp_decode(data)
         return rgb if rgb.ndim == 3 and rgb.shape[2] == 3 else np.asarray(Image.fromarray(rgb).convert("RGB"))
